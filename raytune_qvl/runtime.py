@@ -47,3 +47,4 @@ def setup_logging(level: int = logging.INFO) -> None:
         logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its table-creation chatter
