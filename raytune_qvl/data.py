@@ -108,7 +108,12 @@ class _Bad(Exception):
 
 def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed object or _Bad) for JSONL, or for each element of a JSON list."""
-    raw = path.read_bytes()
+    if not path.is_file():
+        raise DataError([Problem(str(path), "", "data file not found" if not path.exists() else "expected a data file, found a folder", show_value=False)])
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError([Problem(str(path), "", f"cannot read the data file ({exc.strerror})", show_value=False)]) from None
     if not raw.strip():
         raise DataError([Problem(str(path), "", "the data file is empty", show_value=False)])
     stripped = raw.lstrip()
@@ -401,6 +406,7 @@ class Audit:
     image_tokens_p50: int = 0
     image_tokens_p99: int = 0
     task: str = "ocr_doc"
+    tokens_counted: bool = True
 
     @property
     def bad_fraction(self) -> float:
@@ -427,7 +433,9 @@ class Audit:
             f"{self.path}: {self.total} records, {self.kept} kept, {self.total - self.kept} dropped "
             f"({100 * self.bad_fraction:.1f}%), task {self.task}",
             f"  tokens per sample: text p50 {self.text_tokens_p50}, p99 {self.text_tokens_p99}; "
-            f"image p50 {self.image_tokens_p50}, p99 {self.image_tokens_p99}",
+            f"image p50 {self.image_tokens_p50}, p99 {self.image_tokens_p99}"
+            if self.tokens_counted
+            else "  tokens per sample: not counted (pass --config or --model for token counts and too_long drops)",
         ]
         for reason, n in sorted(self.dropped.items(), key=lambda kv: -kv[1]):
             where = ", ".join(str(x) for x in self.examples.get(reason, []))
@@ -441,8 +449,9 @@ class PreparedSplit:
     audit: Audit
 
 
-def prepare_split(path: str | os.PathLike, processor: Any, data: DataConfig, *, progress: bool = False) -> PreparedSplit:
-    """Read, validate and encode every record of one file; bad ones are counted, not fatal."""
+def prepare_split(path: str | os.PathLike, processor: Any | None, data: DataConfig, *, progress: bool = False) -> PreparedSplit:
+    """Read, validate and encode every record of one file; bad ones are counted, not fatal.
+    Without a processor, records and images are checked but nothing is tokenized."""
     samples, bad = read_samples(path, data)
     items: list[Encoded] = []
     iterator: Any = samples
@@ -450,12 +459,20 @@ def prepare_split(path: str | os.PathLike, processor: Any, data: DataConfig, *, 
         from tqdm import tqdm
 
         iterator = tqdm(samples, desc=f"preparing {Path(path).name}", unit="rec", mininterval=2.0, file=sys.stderr)
+    kept = 0
     for sample in iterator:
         try:
-            items.append(encode_sample(sample, processor, data.max_length))
+            if processor is None:  # records and images only: no tokenizer to count with
+                for image in sample.images:
+                    width, height = _load_image(image).size
+                    if max(width, height) / max(1, min(width, height)) > 200:
+                        raise _Bad("bad_aspect_ratio", f"{width}x{height}")
+            else:
+                items.append(encode_sample(sample, processor, data.max_length))
+            kept += 1
         except _Bad as exc:
             bad.append((sample.line, exc.reason, exc.detail))
-    audit = Audit(path=str(path), total=len(items) + len(bad), kept=len(items))
+    audit = Audit(path=str(path), total=kept + len(bad), kept=kept, tokens_counted=processor is not None)
     reasons: dict[str, list[int]] = defaultdict(list)
     for line, reason, _ in sorted(bad):
         reasons[reason].append(line)
@@ -677,21 +694,34 @@ class EpochSampler:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from raytune_qvl.config import load_config
+    from raytune_qvl.config import ModelConfig, load_config
     from raytune_qvl.errors import run_cli
 
-    parser = argparse.ArgumentParser(prog="python -m raytune_qvl.data", description="Audit a data file: counts, drops by reason, token percentiles.")
+    parser = argparse.ArgumentParser(
+        prog="python -m raytune_qvl.data",
+        description="Audit a data file: records, drops by reason (with line numbers), text/image token p50/p99.",
+    )
     parser.add_argument("path", help="a JSONL or JSON data file")
-    parser.add_argument("--config", required=True, help="training config (model, image sizes, max_length)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    parser.add_argument("--config", help="training config: its model, image sizes and max_length are used")
+    parser.add_argument("--model", help="a model folder or hub id whose processor counts tokens (instead of --config)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the config")
     args = parser.parse_args(argv)
 
     def run() -> None:
         runtime.quiet_libraries()
-        cfg = load_config(args.config, overrides=args.overrides, check_files=False)
-        from raytune_qvl.model import load_processor
+        runtime.setup_logging()
+        cfg = load_config(args.config, overrides=args.overrides, check_files=False) if args.config else None
+        if cfg is None:
+            from raytune_qvl.config import Config
 
-        processor = load_processor(cfg)
+            cfg = Config()
+            if args.model:
+                cfg = cfg.model_copy(update={"model": ModelConfig(name=args.model)})
+        processor = None
+        if args.config or args.model:
+            from raytune_qvl.model import load_processor
+
+            processor = load_processor(cfg)
         prepared = prepare_split(args.path, processor, cfg.data, progress=sys.stderr.isatty())
         print(prepared.audit.format())
         check_audit(prepared.audit, cfg.data)

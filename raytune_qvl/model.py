@@ -114,7 +114,10 @@ def load_model(cfg: Config, *, on_gpu: bool = False) -> Any:
     if cfg.environment.gradient_checkpointing:
         # non-reentrant checkpointing works with frozen inputs; with LoRA the embeddings are
         # frozen, so the input must require grad for the checkpointed blocks to backprop
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True

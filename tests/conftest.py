@@ -1,0 +1,103 @@
+"""Shared fixtures: the tiny model and synthetic data (built once), configs pointing into a
+per-test folder, and one local Ray cluster for the tests that need Ray."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / ".assets"
+TINY_TRAIN = ROOT / "configs" / "tiny" / "training_config.yaml"
+TINY_LORA = ROOT / "configs" / "tiny" / "lora_config.yaml"
+ZERO2 = ROOT / "configs" / "ds_config_zero2.json"
+ZERO3 = ROOT / "configs" / "ds_config_zero3_offload.json"
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Prepared-data cache and MLflow default store in a session folder, not in $HOME/cwd."""
+    os.environ["RAYTUNE_QVL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """.assets/ as `make assets` builds it (built here if missing)."""
+    model = ASSETS / "tiny-qwen25vl" / "config.json"
+    data = ASSETS / "data" / "ocr_doc" / "train.jsonl"
+    if not model.exists():
+        subprocess.run([sys.executable, "-m", "raytune_qvl.tiny", str(model.parent)], check=True, cwd=ROOT)
+    if not data.exists():
+        subprocess.run(
+            [sys.executable, "-m", "raytune_qvl.synth", str(data.parent), "--task", "ocr_doc", "--train", "256", "--eval", "32"],
+            check=True,
+            cwd=ROOT,
+        )
+    return ASSETS
+
+
+@pytest.fixture()
+def in_root(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run from the repository root, where the shipped configs' relative paths point."""
+    monkeypatch.chdir(ROOT)
+    return ROOT
+
+
+@pytest.fixture()
+def tiny_config(tiny_assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A loader for the tiny config with every output (run folder, Ray storage, MLflow) in tmp_path."""
+    from raytune_qvl.config import load_config
+
+    monkeypatch.chdir(ROOT)
+
+    def load(*overrides: str, deepspeed: Path = ZERO2, lora: Path = TINY_LORA):
+        base = [
+            f"output.dir={tmp_path / 'out'}",
+            f"output.logging_dir={tmp_path / 'logs'}",
+            f"ray.storage_path={tmp_path / 'ray'}",
+            f"output.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ]
+        return load_config(TINY_TRAIN, lora, deepspeed, [*base, *overrides])
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_assets: Path):
+    from raytune_qvl.config import Config, DataConfig, ModelConfig
+    from raytune_qvl.model import load_processor
+
+    cfg = Config(model=ModelConfig(name=str(tiny_assets / "tiny-qwen25vl")), data=DataConfig(min_image_size=112, max_image_size=336))
+    return load_processor(cfg)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for every test that needs one (starting one costs ~10 s)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """A raytune_qvl CLI in a subprocess, as a user runs it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def copy_data(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
