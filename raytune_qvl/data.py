@@ -705,7 +705,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="training config: its model, image sizes and max_length are used")
     parser.add_argument("--model", help="a model folder or hub id whose processor counts tokens (instead of --config)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the config")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     def run() -> None:
         runtime.quiet_libraries()

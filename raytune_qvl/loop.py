@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -44,7 +45,7 @@ from raytune_qvl.engine import (
     init_distributed,
 )
 
-__all__ = ["Reporter", "LocalReporter", "TrainingDiverged", "train", "write_resolved_configs", "FINAL_DIR", "BEST_DIR", "COMPLETE_MARKER"]
+__all__ = ["Reporter", "LocalReporter", "Session", "TrainingDiverged", "setup", "run", "train", "write_resolved_configs", "FINAL_DIR", "BEST_DIR", "COMPLETE_MARKER"]
 
 log = logging.getLogger("raytune_qvl")
 
@@ -164,14 +165,30 @@ def evaluate_loss(engine: Any, dataset: Any, collator: Any, ctx: WorkerContext, 
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(cfg: Config, ctx: WorkerContext, reporter: Reporter) -> dict[str, Any]:
-    """Train to the planned step count; returns the final metrics (with "diverged" set,
-    and no final adapter, when the loss became NaN or infinite)."""
-    import torch
-    from torch.utils.data import DataLoader
+@dataclass
+class Session:
+    """Everything the loop works with, built once by `setup`."""
 
+    cfg: Config
+    ctx: WorkerContext
+    reporter: Reporter
+    engine: Any
+    processor: Any
+    plan: Any
+    dataset: Any
+    eval_dataset: Any
+    collator: Any
+    sampler: Any
+    generation: Any
+    state: TrainState
+    resumed: bool
+    start_step: int  # the step this process started from
+
+
+def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter) -> Session:
+    """Process group, data, model + LoRA, DeepSpeed engine, and the resume point."""
     from raytune_qvl.data import Collator, EpochSampler, TrainDataset, check_audit, load_or_prepare
-    from raytune_qvl.evaluate import GenerationEval, is_better
+    from raytune_qvl.evaluate import GenerationEval
     from raytune_qvl.lora import apply_lora, format_parts, trainable_by_part
     from raytune_qvl.model import load_model, load_processor
     from raytune_qvl.plan import make_plan
@@ -188,7 +205,6 @@ def train(cfg: Config, ctx: WorkerContext, reporter: Reporter) -> dict[str, Any]
     if eval_split is not None:
         check_audit(eval_split.audit, cfg.data)
     plan = make_plan(cfg, num_samples=len(train_split.items))
-    total_steps, accum, micro = plan.total_steps, t.gradient_accumulation_steps, t.per_device_train_batch_size
 
     # model + LoRA + DeepSpeed
     model = apply_lora(load_model(cfg, on_gpu=ctx.on_gpu), cfg.lora)
@@ -206,48 +222,82 @@ def train(cfg: Config, ctx: WorkerContext, reporter: Reporter) -> dict[str, Any]
             log.info("resumed from %s at step %d (epoch %d)", resume, state.global_step, state.epoch)
 
     dataset = TrainDataset(train_split.items, processor)
-    eval_dataset = TrainDataset(eval_split.items, processor) if eval_split is not None else None
-    collator = Collator(processor.tokenizer.pad_token_id)
-    sampler = EpochSampler(
-        len(dataset), micro=micro, accum=accum, rank=ctx.rank, world=ctx.world_size,
-        seed=cfg.data.preprocessing.seed, shuffle=cfg.data.preprocessing.shuffle,
+    return Session(
+        cfg=cfg,
+        ctx=ctx,
+        reporter=reporter,
+        engine=engine,
+        processor=processor,
+        plan=plan,
+        dataset=dataset,
+        eval_dataset=TrainDataset(eval_split.items, processor) if eval_split is not None else None,
+        collator=Collator(processor.tokenizer.pad_token_id),
+        sampler=EpochSampler(
+            len(dataset), micro=t.per_device_train_batch_size, accum=t.gradient_accumulation_steps,
+            rank=ctx.rank, world=ctx.world_size, seed=cfg.data.preprocessing.seed, shuffle=cfg.data.preprocessing.shuffle,
+        ),
+        generation=GenerationEval.create(cfg, eval_split, processor, ctx) if eval_split is not None else None,
+        state=state,
+        resumed=resume is not None,
+        start_step=state.global_step,
     )
-    generation = GenerationEval.create(cfg, eval_split, processor, ctx) if eval_split is not None else None
+
+
+def train(cfg: Config, ctx: WorkerContext, reporter: Reporter) -> dict[str, Any]:
+    """Train to the planned step count; returns the final metrics (with "diverged" set,
+    and no final adapter, when the loss became NaN or infinite)."""
+    return run(setup(cfg, ctx, reporter))
+
+
+def _evaluate(s: Session) -> dict[str, Any]:
+    """Eval loss over the whole eval set; generation metrics at every N-th evaluation."""
+    metrics: dict[str, Any] = {}
+    if s.eval_dataset is None:
+        return metrics
+    metrics["eval_loss"] = evaluate_loss(s.engine, s.eval_dataset, s.collator, s.ctx, s.cfg.training.per_device_eval_batch_size)
+    s.state.evals += 1
+    if s.generation is not None and (s.state.evals - 1) % s.cfg.evaluation.generation_every == 0:
+        metrics.update(s.generation.run(s.engine, step=s.state.global_step))
+    return metrics
+
+
+def _progress(s: Session) -> dict[str, Any]:
+    return {
+        "step": s.state.global_step,
+        "epoch": s.state.global_step / s.plan.steps_per_epoch,
+        "samples_seen": s.state.samples_seen,
+        "total_steps": s.plan.total_steps,
+        "start_step": s.start_step,  # > 0 after a resume or a worker restart
+    }
+
+
+def run(s: Session) -> dict[str, Any]:
+    """The loop: micro-steps with accumulation, then at each optimizer step log / evaluate /
+    checkpoint / report on visible conditions."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from raytune_qvl.evaluate import is_better
+
+    cfg, ctx, engine, state, t = s.cfg, s.ctx, s.engine, s.state, s.cfg.training
+    total_steps, accum = s.plan.total_steps, t.gradient_accumulation_steps
     metric_name, higher_better = t.metric_for_best_model, cfg.greater_is_better
     output_dir = Path(cfg.output.dir)
-
-    # running sums for the next log line
-    window = {"loss": 0.0, "micro": 0, "tokens": 0.0, "start": time.perf_counter(), "steps": 0}
+    window = {"loss": 0.0, "micro": 0, "tokens": 0.0, "start": time.perf_counter(), "steps": 0}  # sums for the next log
     last_metrics: dict[str, Any] = {}
 
-    def evaluate() -> dict[str, Any]:
-        metrics: dict[str, Any] = {}
-        if eval_dataset is None:
-            return metrics
-        metrics["eval_loss"] = evaluate_loss(engine, eval_dataset, collator, ctx, t.per_device_eval_batch_size)
-        state.evals += 1
-        if generation is not None and (state.evals - 1) % cfg.evaluation.generation_every == 0:
-            metrics.update(generation.run(engine, step=state.global_step))
-        return metrics
-
-    def progress() -> dict[str, Any]:
-        return {
-            "step": state.global_step,
-            "epoch": state.global_step / plan.steps_per_epoch,
-            "samples_seen": state.samples_seen,
-            "total_steps": total_steps,
-        }
-
-    if t.eval_on_start and state.global_step == 0 and resume is None:
-        reporter.report({**progress(), **evaluate()}, None)
+    if t.eval_on_start and state.global_step == 0 and not s.resumed:
+        s.reporter.report({**_progress(s), **_evaluate(s)}, None)
 
     engine.train()
     while state.global_step < total_steps:
-        sampler.set_epoch(state.epoch, state.micro_batch)
+        s.sampler.set_epoch(state.epoch, state.micro_batch)
         loader = DataLoader(
-            dataset, batch_size=micro, sampler=sampler, collate_fn=collator,
+            s.dataset, batch_size=t.per_device_train_batch_size, sampler=s.sampler, collate_fn=s.collator,
             num_workers=cfg.data.num_workers, pin_memory=ctx.on_gpu and cfg.environment.dataloader_pin_memory,
-            persistent_workers=False,
+            # its own generator: a new iterator would otherwise draw from the global RNG and
+            # shift every dropout mask after a resume
+            generator=torch.Generator().manual_seed(cfg.environment.seed * 1_000_003 + state.epoch),
         )
         for batch in loader:
             boundary = (state.micro_batch + 1) % accum == 0
@@ -266,7 +316,7 @@ def train(cfg: Config, ctx: WorkerContext, reporter: Reporter) -> dict[str, Any]
                 continue
 
             state.global_step += 1
-            state.samples_seen += plan.effective_batch
+            state.samples_seen += s.plan.effective_batch
             window["steps"] += 1
             step = state.global_step
             last = step == total_steps
@@ -278,7 +328,7 @@ def train(cfg: Config, ctx: WorkerContext, reporter: Reporter) -> dict[str, Any]
                 # reported, not raised: Ray would retry a worker error from the last checkpoint
                 # and diverge again; the driver turns this into a failed run
                 message = f"loss is NaN or infinite at optimizer step {step} (learning rate {lr:.3g}); lower training.learning_rate"
-                reporter.report({**progress(), "diverged": message, "finished": True}, None)
+                s.reporter.report({**_progress(s), "diverged": message, "finished": True}, None)
                 return {"diverged": message}
 
             if step % t.logging_steps == 0 or last:
@@ -289,59 +339,68 @@ def train(cfg: Config, ctx: WorkerContext, reporter: Reporter) -> dict[str, Any]
                     loss=loss_sum / max(micro_count, 1),
                     learning_rate=lr,
                     grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                    samples_per_second=window["steps"] * plan.effective_batch / elapsed,
+                    samples_per_second=window["steps"] * s.plan.effective_batch / elapsed,
                     tokens_per_second=tokens / elapsed,
                 )
                 window.update(loss=0.0, micro=0, tokens=0.0, start=time.perf_counter(), steps=0)
 
             if step % t.eval_steps == 0 or last:
-                metrics.update(evaluate())
+                metrics.update(_evaluate(s))
                 value = metrics.get(metric_name)
                 if value is not None and is_better(value, state.best_metric, higher_better):
                     state.best_metric, state.best_step = value, step
-                    with gathered_lora_state(engine) as lora_state:
-                        if ctx.is_main:
-
-                            def write_best(folder: Path) -> None:
-                                save_adapter(engine, folder, lora_state)
-                                (folder / "best.json").write_text(json.dumps({"step": step, metric_name: value}))
-                                if generation is not None:
-                                    generation.write_predictions(folder)
-
-                            _replace_dir(output_dir / BEST_DIR, write_best)
-                    barrier()
+                    _save_best(s, output_dir / BEST_DIR, step, metric_name, value)
                 window["start"] = time.perf_counter()  # evaluation time is not training throughput
 
-            if state.micro_batch >= sampler.micro_batches_per_epoch():
+            if state.micro_batch >= s.sampler.micro_batches_per_epoch():
                 state.epoch, state.micro_batch = state.epoch + 1, 0  # the epoch is done
             if metrics or step % t.save_steps == 0:
-                metrics.update(progress())
+                metrics.update(_progress(s))
                 if state.best_metric is not None:
                     metrics[f"best_{metric_name}"] = state.best_metric
                 if step % t.save_steps == 0 or last:
                     with gathered_lora_state(engine) as lora_state, _staging(f"checkpoint-{step:06d}") as folder:
                         save_checkpoint(engine, folder, state, rank=ctx.rank, lora_state=lora_state)
-                        reporter.report({**metrics, "finished": last}, folder)
+                        s.reporter.report({**metrics, "finished": last}, folder)
                 else:
-                    reporter.report({**metrics, "finished": last}, None)
+                    s.reporter.report({**metrics, "finished": last}, None)
                 last_metrics.update(metrics)
                 window["start"] = time.perf_counter()
             if last:
                 break
 
-    # the final adapter, with the processor and the configs that produced it
-    with gathered_lora_state(engine) as lora_state:
-        if ctx.is_main:
-
-            def write_final(folder: Path) -> None:
-                save_adapter(engine, folder, lora_state)
-                processor.save_pretrained(str(folder))
-                write_resolved_configs(cfg, plan.deepspeed, folder)
-                (folder / COMPLETE_MARKER).write_text(json.dumps({**last_metrics, "total_steps": total_steps}, default=str))
-
-            _replace_dir(output_dir / FINAL_DIR, write_final)
-    barrier()
+    _save_final(s, output_dir / FINAL_DIR, last_metrics)
     return last_metrics
+
+
+def _save_best(s: Session, folder: Path, step: int, metric_name: str, value: float) -> None:
+    """The adapter at the best evaluation so far, with the predictions behind it."""
+    with gathered_lora_state(s.engine) as lora_state:
+        if s.ctx.is_main:
+
+            def write(tmp: Path) -> None:
+                save_adapter(s.engine, tmp, lora_state)
+                (tmp / "best.json").write_text(json.dumps({"step": step, metric_name: value}))
+                if s.generation is not None:
+                    s.generation.write_predictions(tmp)
+
+            _replace_dir(folder, write)
+    barrier()
+
+
+def _save_final(s: Session, folder: Path, last_metrics: dict[str, Any]) -> None:
+    """The trained adapter, with the processor and the configs that produced it."""
+    with gathered_lora_state(s.engine) as lora_state:
+        if s.ctx.is_main:
+
+            def write(tmp: Path) -> None:
+                save_adapter(s.engine, tmp, lora_state)
+                s.processor.save_pretrained(str(tmp))
+                write_resolved_configs(s.cfg, s.plan.deepspeed, tmp)
+                (tmp / COMPLETE_MARKER).write_text(json.dumps({**last_metrics, "total_steps": s.plan.total_steps}, default=str))
+
+            _replace_dir(folder, write)
+    barrier()
 
 
 def _replace_dir(target: Path, write: Any) -> None:

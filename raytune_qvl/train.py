@@ -54,7 +54,7 @@ def load_from_args(args: argparse.Namespace) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     runtime.setup_logging()
 
     def run() -> None:
