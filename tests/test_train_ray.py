@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -226,3 +227,29 @@ print("MAXDIFF", (trained - again).abs().max().item(), trained.abs().max().item(
     line = next(l for l in result.stdout.splitlines() if l.startswith("MAXDIFF"))
     diff, scale = map(float, line.split()[1:])
     assert scale > 1 and diff < 1e-4 * scale, line
+
+
+def test_nan_loss_stops_the_run_naming_the_step(tiny_config, ray_cluster, tiny_assets: Path, tmp_path: Path) -> None:
+    """A checkpoint with an infinite weight (a corrupted download, say) makes the loss NaN: the
+    run stops at that step on every worker, fails in MLflow, and writes no final adapter."""
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file, save_file
+
+    from raytune_qvl.launch import TrainingFailed, run_training
+
+    poisoned = tmp_path / "poisoned-model"
+    shutil.copytree(tiny_assets / "tiny-qwen25vl", poisoned)
+    weights = load_file(poisoned / "model.safetensors")
+    key = next(k for k in weights if k.endswith("lm_head.weight"))
+    weights[key][0, 0] = float("inf")
+    save_file(weights, poisoned / "model.safetensors", metadata={"format": "pt"})
+
+    cfg = tiny_config(f"model.name={poisoned}", "training.max_steps=6", "evaluation.generation_samples=0")
+    with pytest.raises(TrainingFailed, match=r"loss is NaN or infinite at optimizer step 1\b") as info:
+        run_training(cfg)
+    assert len(info.value.lines()) == 1
+    client = MlflowClient(cfg.output.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.output.experiment_name).experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["raytune_qvl.status"] == "failed" and "optimizer step 1" in run.data.tags["raytune_qvl.reason"]
+    assert not (Path(cfg.output.dir) / "final").exists()
