@@ -6,9 +6,10 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
-__all__ = ["ray_session", "is_multinode", "storage_is_shared"]
+__all__ = ["ray_session", "is_multinode", "alive_nodes", "check_storage"]
 
 log = logging.getLogger("raytune_qvl")
 
@@ -36,13 +37,66 @@ def ray_session(address: str | None, *, min_cpus: int = 1, min_gpus: int = 0) ->
         ray.shutdown()
 
 
-def is_multinode() -> bool:
+def alive_nodes() -> list[dict]:
     import ray
 
-    return sum(1 for node in ray.nodes() if node.get("Alive")) > 1
+    return [node for node in ray.nodes() if node.get("Alive")]
 
 
-def storage_is_shared(storage_path: str) -> bool:
-    """A cloud URI (s3://, gs://, ...) is reachable from every node; a local path is only if it
-    is a shared filesystem, which we cannot check: it must be said with ray.shared_storage."""
-    return "://" in storage_path and not storage_path.startswith("file://")
+def is_multinode() -> bool:
+    return len(alive_nodes()) > 1
+
+
+def check_storage(storage_path: str, *, shared: bool, source: str, key: str) -> None:
+    """On a cluster of several nodes, checkpoints and results must land where every node
+    reads them: a cloud URI, or a path declared shared and seen from every node."""
+    from raytune_qvl.errors import ConfigError, Problem
+
+    if "://" in storage_path and not storage_path.startswith("file://"):
+        return
+    nodes = alive_nodes()
+    if len(nodes) < 2:
+        return
+    if not shared:
+        raise ConfigError(
+            [
+                Problem(
+                    source,
+                    key,
+                    f"{storage_path} is a local path, but the Ray cluster has {len(nodes)} nodes: use storage every node reaches "
+                    "(a cloud URI such as s3://bucket/runs, or a shared filesystem mount declared with shared_storage: true)",
+                    show_value=False,
+                )
+            ]
+        )
+    missing = _nodes_missing(storage_path, nodes)
+    if missing:
+        raise ConfigError([Problem(source, key, f"{storage_path} is declared shared but nodes {', '.join(missing)} do not see it", show_value=False)])
+
+
+def _nodes_missing(storage_path: str, nodes: list[dict]) -> list[str]:
+    """Write a probe file here and ask a task pinned to every node whether it sees it."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    folder = Path(storage_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".raytune_qvl_probe_{uuid.uuid4().hex}"
+    probe.write_text("")
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> bool:
+        return os.path.exists(path)
+
+    try:
+        checks = {
+            node["NodeManagerAddress"] + ":" + node["NodeID"][:8]: sees.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+            ).remote(str(probe))
+            for node in nodes
+        }
+        return [name for name, ref in checks.items() if not ray.get(ref, timeout=60)]
+    finally:
+        probe.unlink(missing_ok=True)

@@ -45,6 +45,9 @@ __all__ = [
     "validate_config",
     "flatten",
     "metric_mode",
+    "pydantic_problems",
+    "closest",
+    "field_at",
 ]
 
 log = logging.getLogger("raytune_qvl")
@@ -160,6 +163,7 @@ class RayConfig(_Section):
     resources_per_worker: dict[str, float] | None = None  # e.g. {CPU: 8, GPU: 1}
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     storage_path: str = "./ray_results"  # checkpoints and run state; shared storage on multi-node
+    shared_storage: bool = False  # storage_path is a filesystem every node mounts (checked at start)
     max_failures: int = Field(2, ge=-1)  # worker-group restarts from the last checkpoint (-1: forever)
 
 
@@ -380,14 +384,14 @@ def apply_overrides(tree: dict[str, Any], overrides: Sequence[tuple[list[str], A
 # ----------------------------------------------------------------------------- loading
 
 
-def _closest(name: str, options: Sequence[str]) -> str | None:
+def closest(name: str, options: Sequence[str]) -> str | None:
     match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
     return match[0] if match else None
 
 
-def _model_for(loc: Sequence[Any]) -> type[BaseModel] | None:
-    """The pydantic section class at a location like ("training", "learning_rat")."""
-    model: type[BaseModel] | None = Config
+def _model_for(loc: Sequence[Any], root: type[BaseModel]) -> type[BaseModel] | None:
+    """The pydantic class holding the last key of a location like ("training", "learning_rat")."""
+    model: type[BaseModel] | None = root
     for part in loc[:-1]:
         if model is None or not isinstance(part, str) or part not in model.model_fields:
             return None
@@ -426,18 +430,20 @@ def _rule(err: Mapping[str, Any]) -> str:
     return err["msg"][0].lower() + err["msg"][1:]
 
 
-def _pydantic_problems(errors: Sequence[Mapping[str, Any]], source_of: "_Sources") -> list[Problem]:
+def pydantic_problems(errors: Sequence[Mapping[str, Any]], source_of: Any, root: type[BaseModel] | None = None) -> list[Problem]:
+    """pydantic errors as Problems; unknown keys get the closest valid key as a suggestion."""
+    root = root or Config
     problems = []
     for err in errors:
         loc = list(err["loc"])
         key = ".".join(str(p) for p in loc)
         source = source_of(loc)
         if err["type"] == "extra_forbidden":
-            section = _model_for(loc)
+            section = _model_for(loc, root)
             options = list(section.model_fields) if section else []
             if section is Config:
                 options = [s for s in SECTIONS if s not in ("deepspeed",)]
-            guess = _closest(str(loc[-1]), options)
+            guess = closest(str(loc[-1]), options)
             rule = "unknown key" + (f"; did you mean {'.'.join(map(str, loc[:-1] + [guess]))!r}?" if guess else "")
             if section is Config and str(loc[-1]) == "lora":
                 rule = "the lora section belongs in the LoRA file (--lora_config)"
@@ -496,7 +502,7 @@ def load_config(
     # sections that are not ours, in the wrong file, or misspelt
     for key in list(training_raw):
         if key not in TRAINING_SECTIONS:
-            guess = _closest(str(key), TRAINING_SECTIONS)
+            guess = closest(str(key), TRAINING_SECTIONS)
             rule = (
                 "the lora section belongs in the LoRA file (--lora_config)"
                 if key == "lora"
@@ -518,7 +524,7 @@ def load_config(
     cfg_overrides = [(p, v) for p, v in parsed_overrides if p[0] != "deepspeed"]
     for parts, value in cfg_overrides:
         if parts[0] not in SECTIONS:
-            guess = _closest(parts[0], SECTIONS)
+            guess = closest(parts[0], SECTIONS)
             problems.append(
                 Problem("command line", ".".join(parts), "unknown section" + (f"; did you mean {guess!r}?" if guess else ""), value)
             )
@@ -553,7 +559,7 @@ def load_config(
             sections[name] = Config.model_fields[name].annotation.model_validate(raw)  # type: ignore[union-attr]
         except ValidationError as exc:
             errors = [{**e, "loc": (name, *e["loc"])} for e in exc.errors()]
-            problems.extend(_pydantic_problems(errors, sources))
+            problems.extend(pydantic_problems(errors, sources))
 
     problems.extend(validate_config(sections, ds_dict, sources, check_files=check_files, world_size=world_size))
     if problems:
@@ -643,7 +649,7 @@ def validate_config(
     if training is not None:
         metric = training.metric_for_best_model
         if metric not in EVAL_METRICS:
-            guess = _closest(metric, list(EVAL_METRICS))
+            guess = closest(metric, list(EVAL_METRICS))
             add(
                 ["training", "metric_for_best_model"],
                 f"not a metric the loop reports; one of {', '.join(EVAL_METRICS)}" + (f" (did you mean {guess!r}?)" if guess else ""),
@@ -738,3 +744,32 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def field_at(path: str) -> Any:
+    """The pydantic FieldInfo of a dotted config key ("training.learning_rate"), or None."""
+    model: Any = Config
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        info = model.model_fields[part]
+        if i == len(parts) - 1:
+            return info
+        model = info.annotation
+    return None
+
+
+def config_keys(model: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the config schema (for suggestions)."""
+    model = model or Config
+    keys = []
+    for name, info in model.model_fields.items():
+        if name in ("deepspeed", "paths"):
+            continue
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += config_keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys

@@ -281,11 +281,12 @@ def _fit_local(cfg: Config, resume: str | None, on_metrics: Any) -> dict[str, An
 def _fit_ray(cfg: Config, resume: str | None, on_metrics: Any) -> dict[str, Any]:
     from ray.util.queue import Empty, Queue
 
-    from raytune_qvl.cluster import ray_session
+    from raytune_qvl.cluster import check_storage, ray_session
 
     workers = cfg.ray.num_workers
     cpus = int((cfg.ray.resources_per_worker or {}).get("CPU", 1))
     with ray_session(cfg.ray.address, min_cpus=workers * cpus + 1):
+        check_storage(cfg.ray.storage_path, shared=cfg.ray.shared_storage, source=cfg.paths.training or "config", key="ray.storage_path")
         progress: Queue = Queue()
         trainer = build_trainer(cfg, resume, callbacks=[QueueCallback(progress)])
         outcome: dict[str, Any] = {}
@@ -323,7 +324,9 @@ class QueueCallback(UserCallback):
 
 
 
-def build_trainer(cfg: Config, resume: str | None, callbacks: list[Any], name: str | None = None, storage_path: str | None = None) -> Any:
+def build_trainer(
+    cfg: Config, resume: str | None, callbacks: list[Any], name: str | None = None, storage_path: str | None = None, verbose: bool = True
+) -> Any:
     """The TorchTrainer of one run: the worker count, devices and failure handling from the
     config; checkpoints kept by recency (the best adapter is kept aside by the loop)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -336,7 +339,7 @@ def build_trainer(cfg: Config, resume: str | None, callbacks: list[Any], name: s
         resources.setdefault("GPU", 1)
     return TorchTrainer(
         train_loop_per_worker=_entry,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "resume": resume},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "resume": resume, "verbose": verbose},
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
             use_gpu=cfg.ray.use_gpu,

@@ -301,7 +301,7 @@ def run(s: Session) -> dict[str, Any]:
         )
         for batch in loader:
             boundary = (state.micro_batch + 1) % accum == 0
-            lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves it after)
+            lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
             window["tokens"] += float(batch["attention_mask"].sum())
             batch = _to_device(batch, engine.device)
 

@@ -11,7 +11,7 @@ from typing import Any
 __all__ = ["RayReporter", "train_loop_per_worker", "quiet_worker"]
 
 
-def quiet_worker(rank: int) -> None:
+def quiet_worker(rank: int, verbose: bool = True) -> None:
     """One progress view for the user: workers keep their logs to warnings (rank 0 also
     says what it trains), so the driver's progress lines are not buried."""
     import warnings
@@ -19,11 +19,23 @@ def quiet_worker(rank: int) -> None:
     from raytune_qvl import runtime
 
     runtime.quiet_libraries()
-    runtime.setup_logging(logging.INFO if rank == 0 else logging.WARNING)
+    runtime.setup_logging(logging.INFO if rank == 0 and verbose else logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft|deepspeed)\.")
     for name in ("DeepSpeed", "deepspeed", "transformers", "peft", "torch.distributed", "torch.utils.cpp_extension"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    try:  # DeepSpeed's logger resets its level when first imported: set it after that
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.ERROR)
+    except ImportError:
+        pass
+    try:  # Ray Train logs every report at INFO through a logger named after its file
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
 
 
 class RayReporter:
@@ -60,7 +72,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from raytune_qvl.loop import train
 
     context = ray.train.get_context()
-    quiet_worker(context.get_world_rank())
+    quiet_worker(context.get_world_rank(), verbose=config.get("verbose", True))
     cfg = Config.model_validate(config["cfg"])
     ctx = WorkerContext(
         rank=context.get_world_rank(),
