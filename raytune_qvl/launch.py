@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import queue
+import os
 import shutil
 import sys
 import threading
@@ -21,7 +21,7 @@ from ray.train.v2.api.callback import UserCallback
 from raytune_qvl import runtime
 from raytune_qvl.config import Config, flatten
 from raytune_qvl.errors import ConfigError, Problem, UserError
-from raytune_qvl.loop import BEST_DIR, COMPLETE_MARKER, FINAL_DIR
+from raytune_qvl.loop import BEST_DIR, COMPLETE_MARKER, DIVERGED_FILE, FINAL_DIR
 from raytune_qvl.plan import Plan, make_plan
 
 __all__ = ["Preflight", "preflight", "TrainResult", "TrainingFailed", "run_training", "ray_run_name", "format_progress"]
@@ -191,6 +191,11 @@ def _prepare_output(cfg: Config, *, overwrite: bool) -> dict[str, Any]:
         raise ConfigError(
             [Problem(str(out), "output.dir", "holds a finished run; pass --overwrite to start over or choose another output.dir", show_value=False)]
         )
+    ray_run = Path(cfg.ray.storage_path) / ray_run_name(cfg)
+    diverged = sorted(ray_run.glob(f"*/{DIVERGED_FILE}")) if "://" not in cfg.ray.storage_path else []
+    if diverged:
+        message = json.loads(diverged[-1].read_text()).get("message", "the loss diverged")
+        raise ConfigError([Problem(str(out), "output.dir", f"this run diverged ({message}); change the config and pass --overwrite to start over", show_value=False)])
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
@@ -354,6 +359,8 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.save_total_limit),
             callbacks=callbacks,
             logging_config=LoggingConfig(log_level="WARNING"),  # the driver shows progress
+            # our settings reach workers on every node (cache folder, fault injection)
+            worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("RAYTUNE_QVL_")}},
         ),
     )
 

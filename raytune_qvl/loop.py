@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -23,9 +24,7 @@ from typing import Any, Iterator, Protocol
 
 import yaml
 
-from raytune_qvl import batch_math
 from raytune_qvl.checkpoint import (
-    ADAPTER_DIR,
     TrainState,
     latest_local_checkpoint,
     load_checkpoint,
@@ -45,13 +44,17 @@ from raytune_qvl.engine import (
     init_distributed,
 )
 
-__all__ = ["Reporter", "LocalReporter", "Session", "TrainingDiverged", "setup", "run", "train", "write_resolved_configs", "FINAL_DIR", "BEST_DIR", "COMPLETE_MARKER"]
+__all__ = ["Reporter", "LocalReporter", "Session", "TrainingDiverged", "setup", "run", "train", "write_resolved_configs", "FINAL_DIR", "BEST_DIR", "COMPLETE_MARKER", "DIVERGED_FILE"]
 
 log = logging.getLogger("raytune_qvl")
 
 FINAL_DIR = "final"  # <output.dir>/final: the trained adapter, processor and resolved configs
 BEST_DIR = "best"  # <output.dir>/best: the adapter at the best evaluation so far
 COMPLETE_MARKER = "training_complete.json"
+DIVERGED_FILE = "diverged.json"  # in the checkpoint reported when the loss became NaN
+# Fault injection for the fault suite: "section.key=value" makes the loss NaN from optimizer
+# step 2 in every run whose config has that value (e.g. one trial of a sweep).
+FAULT_NAN_ENV = "RAYTUNE_QVL_FAULT_NAN"
 
 
 class TrainingDiverged(RuntimeError):
@@ -77,7 +80,7 @@ class LocalReporter:
         self.resume_from = resume_from
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
-        if checkpoint is not None:
+        if checkpoint is not None and (checkpoint / STATE_FILE).exists():  # not a divergence marker
             target = self.root / checkpoint.name
             if checkpoint.resolve() != target.resolve():
                 shutil.rmtree(target, ignore_errors=True)
@@ -271,6 +274,20 @@ def _progress(s: Session) -> dict[str, Any]:
     }
 
 
+def _nan_fault(cfg: Config) -> bool:
+    spec = os.environ.get(FAULT_NAN_ENV)
+    if not spec or "=" not in spec:
+        return False
+    key, value = spec.split("=", 1)
+    from raytune_qvl.config import flatten
+
+    have = flatten({**cfg.training_dict(), **cfg.lora_dict()}).get(key)
+    try:
+        return have is not None and float(have) == float(value)
+    except (TypeError, ValueError):
+        return str(have) == value
+
+
 def run(s: Session) -> dict[str, Any]:
     """The loop: micro-steps with accumulation, then at each optimizer step log / evaluate /
     checkpoint / report on visible conditions."""
@@ -285,6 +302,7 @@ def run(s: Session) -> dict[str, Any]:
     output_dir = Path(cfg.output.dir)
     window = {"loss": 0.0, "micro": 0, "tokens": 0.0, "start": time.perf_counter(), "steps": 0}  # sums for the next log
     last_metrics: dict[str, Any] = {}
+    inject_nan = _nan_fault(cfg)
 
     if t.eval_on_start and state.global_step == 0 and not s.resumed:
         s.reporter.report({**_progress(s), **_evaluate(s)}, None)
@@ -306,6 +324,8 @@ def run(s: Session) -> dict[str, Any]:
             batch = _to_device(batch, engine.device)
 
             loss = engine(**batch).loss
+            if inject_nan and state.global_step >= 1:
+                loss = loss * float("nan")
             engine.backward(loss)
             engine.step()  # steps the optimizer and scheduler only at accumulation boundaries
 
@@ -327,8 +347,14 @@ def run(s: Session) -> dict[str, Any]:
             if bad:
                 # reported, not raised: Ray would retry a worker error from the last checkpoint
                 # and diverge again; the driver turns this into a failed run
+                # the report carries a marker checkpoint: Ray Train's result holds the metrics of
+                # the latest checkpoint, and a rerun of this run must not resume into a NaN
                 message = f"loss is NaN or infinite at optimizer step {step} (learning rate {lr:.3g}); lower training.learning_rate"
-                s.reporter.report({**_progress(s), "diverged": message, "finished": True}, None)
+                with _staging(f"checkpoint-{step:06d}-diverged") as folder:
+                    folder.mkdir(parents=True)
+                    if ctx.is_main:
+                        (folder / DIVERGED_FILE).write_text(json.dumps({"step": step, "message": message}))
+                    s.reporter.report({**_progress(s), "diverged": message, "finished": True}, folder)
                 return {"diverged": message}
 
             if step % t.logging_steps == 0 or last:

@@ -12,26 +12,17 @@ __all__ = ["sweep_study", "log_sweep_plots", "figures"]
 
 log = logging.getLogger("raytune_qvl")
 
-_SHORT = {
-    "training.learning_rate": "learning_rate",
-    "lora.r": "lora_rank",
-    "effective_batch": "effective_batch",
-    "training.num_epochs": "epochs",
-}
-
 
 def _param_values(record: Any) -> dict[str, Any]:
-    o = record.overrides
-    values = {}
-    if "training.learning_rate" in o:
-        values["learning_rate"] = float(o["training.learning_rate"])
-    if "lora.r" in o:
-        values["lora_rank"] = int(o["lora.r"])
-    point = {**record.sampled}
-    if "effective_batch" in point:
-        values["effective_batch"] = int(point["effective_batch"])
-    if "training.num_epochs" in o:
-        values["epochs"] = int(o["training.num_epochs"])
+    """The four priority parameters of a trial as it trained (the scaled learning rate)."""
+    point = {**record.point, **record.sampled}
+    values: dict[str, Any] = {}
+    lr = record.overrides.get("training.learning_rate", point.get("training.learning_rate"))
+    if lr is not None:
+        values["learning_rate"] = float(lr)
+    for key, name in (("lora.r", "lora_rank"), ("effective_batch", "effective_batch"), ("training.num_epochs", "epochs")):
+        if key in point:
+            values[name] = int(point[key])
     return values
 
 
@@ -74,10 +65,10 @@ def figures(space: Any, records: list[Any]) -> dict[str, Any]:
 
     # optimization history: every trial's value in launch order, best so far
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    best, xs, bests = None, [], []
+    best, xs, bests, failed = None, [], [], []
     for i, r in enumerate(trained):
         if r.value is None:
-            ax.scatter(i, 0, marker="x", color="grey")
+            failed.append(i)
             continue
         marker = "o" if r.status == "completed" else "v"
         ax.scatter(i, r.value, color=colors[r.stage], marker=marker, label=r.stage)
@@ -85,6 +76,9 @@ def figures(space: Any, records: list[Any]) -> dict[str, Any]:
         xs.append(i)
         bests.append(best)
     ax.step(xs, bests, where="post", color="black", linewidth=1, label="best so far")
+    for i in failed:  # no value to plot: mark the trial on the axis instead
+        ax.axvline(i, color="grey", linestyle=":", linewidth=1)
+        ax.annotate("failed", (i, 1), xycoords=("data", "axes fraction"), ha="center", va="top", fontsize=7, color="grey")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     ax.legend(unique.values(), unique.keys(), fontsize=8)

@@ -338,6 +338,7 @@ def _check_space(space: SearchSpace, base: Config | None, source: str) -> list[P
         problems.append(Problem(source, key, rule, value, show))
 
     valid_keys = config_keys() + [EFFECTIVE_BATCH]
+    broken: set[str] = set()  # parameters whose domain is malformed: their values are not checked
     for key in space.overrides:
         if field_at(key) is None:
             guess = closest(key, valid_keys)
@@ -346,13 +347,16 @@ def _check_space(space: SearchSpace, base: Config | None, source: str) -> list[P
     for key, domain in space.parameters.items():
         where = f"parameters.{key}"
         kind = _param_type(key)
+        before = len(problems)
         if kind is None:
             guess = closest(key, valid_keys)
             add(where, "not a parameter of the config schema" + (f"; did you mean {guess!r}?" if guess else ""), key, show=False)
+            broken.add(key)
             continue
         has_range = domain.low is not None or domain.high is not None
         if (domain.choices is None) == (not has_range):
             add(where, "give either choices or low/high", domain.model_dump(exclude_defaults=True))
+            broken.add(key)
             continue
         if domain.choices is not None:
             if not domain.choices:
@@ -364,6 +368,7 @@ def _check_space(space: SearchSpace, base: Config | None, source: str) -> list[P
         else:
             if domain.low is None or domain.high is None:
                 add(where, "a range needs both low and high", domain.model_dump(exclude_defaults=True))
+                broken.add(key)
                 continue
             if domain.low >= domain.high:
                 add(where, "low must be < high", [domain.low, domain.high])
@@ -382,6 +387,8 @@ def _check_space(space: SearchSpace, base: Config | None, source: str) -> list[P
                 add(where, f"{key} is an integer; {value!r} is not", value)
             elif kind in (int, float) and (isinstance(value, bool) or not isinstance(value, int | float)):
                 add(where, f"{key} is a number; {value!r} is not", value)
+        if len(problems) > before:
+            broken.add(key)
 
     if isinstance(space.trials_per_stage, dict):
         for key in space.trials_per_stage:
@@ -402,7 +409,7 @@ def _check_space(space: SearchSpace, base: Config | None, source: str) -> list[P
     if space.resources.use_gpu and space.resources.gpus_per_worker <= 0:
         add("resources.gpus_per_worker", "must be > 0 with use_gpu", space.resources.gpus_per_worker)
 
-    if base is None or problems:
+    if base is None:
         return problems
     # the values each parameter takes must make a valid config, and batches must divide
     if space.metric != "eval_loss":
@@ -413,6 +420,8 @@ def _check_space(space: SearchSpace, base: Config | None, source: str) -> list[P
     micro = base.training.per_device_train_batch_size
     workers = space.resources.workers_per_trial
     for key, domain in space.parameters.items():
+        if key in broken:
+            continue
         for value in domain.extremes():
             if key == EFFECTIVE_BATCH:
                 try:
@@ -428,7 +437,8 @@ def _check_space(space: SearchSpace, base: Config | None, source: str) -> list[P
                     add(f"parameters.{key}", f"the value {value!r} is invalid: {p.rule}", value)
             except batch_math.BatchMathError as exc:
                 add(f"parameters.{key}", str(exc), value)
-    if EFFECTIVE_BATCH in space.parameters and LR_KEY in space.parameters and space.strategy == "staged" and space.lr_scaling.rule == "linear":
+    scalable = not ({EFFECTIVE_BATCH, LR_KEY} & broken)
+    if scalable and EFFECTIVE_BATCH in space.parameters and LR_KEY in space.parameters and space.strategy == "staged" and space.lr_scaling.rule == "linear":
         top_lr = max(v for v in space.parameters[LR_KEY].extremes() if v is not None)
         top_batch = max(int(v) for v in space.parameters[EFFECTIVE_BATCH].extremes() if v is not None)
         ref = starting_batch(base, space)

@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,7 +38,6 @@ from raytune_qvl.search_space import (
     Stage,
     grid,
     load_search_space,
-    point_overrides,
     stages,
     starting_batch,
 )
@@ -407,7 +405,7 @@ def _run_stage(space: SearchSpace, base: Config, pre: Any, stage: Stage, fixed: 
         if key in known and known[key] is not None and not any(point_key(r.overrides) == key for r in records):
             from raytune_qvl.tuner import TrialRecord
 
-            records.append(TrialRecord("reused", stage.label, dict(sampled), resolver.overrides(sampled), known[key], "reused"))
+            records.append(TrialRecord("reused", stage.label, dict(sampled), resolver.overrides(sampled), known[key], "reused", point=resolver.point(sampled)))
     from raytune_qvl.tuner import StageOutcome
 
     return StageOutcome(stage.label, records, interrupted=handler.interrupted or _unfinished(results))
@@ -425,10 +423,11 @@ class _InterruptWatch:
 
     def run(self, fn: Any) -> Any:
         previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, self._marker)
+        marker = self._marker  # one bound-method object, so the identity test below holds
+        signal.signal(signal.SIGINT, marker)
         try:
             result = fn()
-            self.interrupted = signal.getsignal(signal.SIGINT) is self._marker
+            self.interrupted = signal.getsignal(signal.SIGINT) is marker
             return result
         finally:
             signal.signal(signal.SIGINT, previous)
@@ -467,7 +466,10 @@ def _records(stage: Stage, results: Any, resolver: Any) -> list[Any]:
         except Exception:  # noqa: BLE001 - a point that could not even be built
             overrides = {}
         out.append(
-            TrialRecord(trial_id, stage.label, sampled, overrides, value, status, reason, float(metrics.get("epoch", 0) or 0), int(metrics.get("samples_seen", 0) or 0), history)
+            TrialRecord(
+                trial_id, stage.label, sampled, overrides, value, status, reason,
+                float(metrics.get("epoch", 0) or 0), int(metrics.get("samples_seen", 0) or 0), history, resolver.point(sampled),
+            )
         )
     return out
 

@@ -258,6 +258,7 @@ class TrialRecord:
     epoch: float = 0.0
     samples_seen: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    point: dict[str, Any] = field(default_factory=dict)  # every searched parameter, fixed ones included
 
 
 @dataclass
