@@ -14,7 +14,7 @@ else
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: all setup assets demo test bench clean
+.PHONY: all setup assets demo demo-train lint test bench clean
 
 all: demo
 
@@ -35,11 +35,19 @@ $(ASSETS)/data/ocr_doc/train.jsonl: $(STAMP) raytune_qvl/synth.py
 
 assets: $(ASSETS)/tiny-qwen25vl/config.json $(ASSETS)/data/ocr_doc/train.jsonl
 
+# the main job: a staged Optuna + ASHA sweep of Ray Train trials on the tiny CPU default
 demo: assets
-	$(PY) -m raytune_qvl.train --config configs/tiny/training_config.yaml \
-		--lora_config configs/tiny/lora_config.yaml --deepspeed configs/ds_config_zero2.json --dry-run
+	$(PY) -m raytune_qvl.sweep search_spaces/tiny_cpu.yaml --overwrite
 
-test: assets
+# one training run of the tiny default (2 Ray workers, DeepSpeed ZeRO-2)
+demo-train: assets
+	$(PY) -m raytune_qvl.train --config configs/tiny/training_config.yaml \
+		--lora_config configs/tiny/lora_config.yaml --deepspeed configs/ds_config_zero2.json --overwrite
+
+lint: $(STAMP)
+	$(PY) -m ruff check raytune_qvl tests bench
+
+test: assets lint
 	$(PY) -m pytest
 
 clean:

@@ -25,6 +25,7 @@ from typing import Any, Iterator, Protocol
 import yaml
 
 from raytune_qvl.checkpoint import (
+    STATE_FILE,
     TrainState,
     latest_local_checkpoint,
     load_checkpoint,

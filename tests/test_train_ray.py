@@ -60,6 +60,19 @@ def test_zero2_two_workers_learns_and_tracks_one_mlflow_run(tiny_config, ray_clu
     assert filled["scheduler"]["type"] == "WarmupCosineLR" and "auto" not in json.dumps(filled)
     final = {f.path for f in client.list_artifacts(run.info.run_id, "final")}
     assert "final/adapter_model.safetensors" in final
+    # OCR evaluation: the label-mask view, the data audit and the predictions at the best checkpoint
+    data_files = {f.path for f in client.list_artifacts(run.info.run_id, "data")}
+    assert {"data/label_mask.html", "data/audit.json", "data/audit.txt"} <= data_files
+    eval_files = {f.path for f in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/predictions.html", "eval/predictions_table.json"} <= eval_files
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/predictions_table.json", str(tmp_path))).read_text())
+    assert len(table["data"]) == 8 and "image" in table["columns"]  # the generation subset, from both workers
+    mask = Path(client.download_artifacts(run.info.run_id, "data/label_mask.html", str(tmp_path))).read_text()
+    assert "class='tok trained'" in mask and "class='tok masked'" in mask
+    # generation metrics are in range; CER and WER can exceed 1 for long garbage, never go below 0
+    assert run.data.metrics["eval_cer"] >= 0 and 0 <= run.data.metrics["eval_exact_match"] <= 1
+    predictions = json.loads((Path(cfg.output.dir) / "best" / "predictions.json").read_text())
+    assert sorted(r["index"] for r in predictions["rows"]) == sorted(set(r["index"] for r in predictions["rows"]))
 
     # the final folder holds a loadable adapter, the processor and the resolved configs
     final_dir = result.final_dir
