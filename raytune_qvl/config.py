@@ -687,8 +687,6 @@ def validate_config(
                 )
         if env.deepspeed is None:
             add(["environment", "deepspeed"], "a DeepSpeed config is required: pass --deepspeed or set environment.deepspeed", None)
-        elif check_files:
-            _check_file(add, ["environment", "deepspeed"], env.deepspeed, "DeepSpeed config")
 
     if model is not None and check_files and model.name.startswith(("/", "./", "../", "~")):
         path = Path(model.name).expanduser()

@@ -114,6 +114,9 @@ def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError([Problem(str(path), "", f"cannot read the data file ({exc.strerror})", show_value=False)]) from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError([Problem(str(path), "", "the data file is UTF-16 (it starts with a byte-order mark): save it as UTF-8", show_value=False)])
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as some editors write
     if not raw.strip():
         raise DataError([Problem(str(path), "", "the data file is empty", show_value=False)])
     stripped = raw.lstrip()
@@ -428,6 +431,18 @@ class Audit:
         out.update({f"{prefix}_dropped_{reason}": n for reason, n in self.dropped.items()})
         return out
 
+    def reasons(self) -> str:
+        """'3 missing_image (lines 2, 5, 9), 1 invalid_json (line 4)': the drops on one line."""
+        parts = []
+        for reason, n in sorted(self.dropped.items(), key=lambda kv: -kv[1]):
+            lines = self.examples.get(reason, [])
+            where = f" (line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines))}{', ...' if n > len(lines) else ''})" if lines else ""
+            parts.append(f"{n} {reason}{where}")
+        return ", ".join(parts) or "none dropped"
+
+    def summary(self) -> str:
+        return f"{self.path}: {self.total - self.kept} of {self.total} records dropped: {self.reasons()}"
+
     def format(self) -> str:
         lines = [
             f"{self.path}: {self.total} records, {self.kept} kept, {self.total - self.kept} dropped "
@@ -487,17 +502,18 @@ def prepare_split(path: str | os.PathLike, processor: Any | None, data: DataConf
 
 
 def check_audit(audit: Audit, data: DataConfig) -> None:
-    """Stop before training when too much of a file is bad, or nothing is left."""
+    """Stop before training when too much of a file is bad, or nothing is left (one line; the
+    full report comes from `python -m raytune_qvl.data`)."""
     if audit.kept == 0:
-        raise DataError([Problem(audit.path, "", "no usable records:\n" + audit.format(), show_value=False)])
+        raise DataError([Problem(audit.path, "", f"no usable records ({audit.reasons()}); see python -m raytune_qvl.data {audit.path}", show_value=False)])
     if audit.bad_fraction > data.max_bad_fraction:
         raise DataError(
             [
                 Problem(
                     audit.path,
                     "",
-                    f"{100 * audit.bad_fraction:.1f}% of records are bad, above data.max_bad_fraction "
-                    f"({100 * data.max_bad_fraction:.1f}%); fix them or raise the limit:\n" + audit.format(),
+                    f"{100 * audit.bad_fraction:.1f}% of records are bad ({audit.reasons()}), above data.max_bad_fraction "
+                    f"({100 * data.max_bad_fraction:.1f}%): fix them or raise the limit",
                     show_value=False,
                 )
             ]

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-__all__ = ["WorkerContext", "init_distributed", "device_config", "build_engine", "gathered_lora_state", "barrier", "all_reduce_sum", "all_reduce_max"]
+__all__ = ["WorkerContext", "count_nodes", "init_distributed", "device_config", "build_engine", "gathered_lora_state", "barrier", "all_reduce_sum", "all_reduce_max"]
 
 log = logging.getLogger("raytune_qvl")
 
@@ -25,6 +25,7 @@ class WorkerContext:
     world_size: int = 1
     local_rank: int = 0
     on_gpu: bool = False
+    node: str = ""  # the Ray node (or host) this worker runs on
 
     @property
     def is_main(self) -> bool:
@@ -98,6 +99,20 @@ def gathered_lora_state(engine: Any) -> Iterator[dict[str, Any] | None]:
             yield {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
     else:
         yield {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def count_nodes(ctx: WorkerContext) -> int:
+    """Distinct nodes across the workers (every rank calls this together)."""
+    import socket
+
+    import torch.distributed as dist
+
+    mine = ctx.node or socket.gethostname()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return 1
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, mine)
+    return len(set(nodes))
 
 
 def barrier() -> None:

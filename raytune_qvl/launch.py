@@ -44,13 +44,14 @@ class Preflight:
     plan: Plan
 
 
-def preflight(cfg: Config, *, progress: bool = True) -> Preflight:
+def preflight(cfg: Config, *, progress: bool | None = None) -> Preflight:
     """Everything that can fail before a worker starts: processor, data audit, the plan.
     The prepared data is cached, so workers (and later trials) read it instead of redoing it."""
     runtime.quiet_libraries()
     from raytune_qvl.data import check_audit, load_or_prepare
     from raytune_qvl.model import load_processor
 
+    progress = sys.stderr.isatty() if progress is None else progress
     processor = load_processor(cfg)
     train = load_or_prepare(cfg, processor, "train", progress=progress)
     check_audit(train.audit, cfg.data)
@@ -175,19 +176,41 @@ class TrainResult:
         return "\n".join(lines)
 
 
-def _prepare_output(cfg: Config, *, overwrite: bool) -> dict[str, Any]:
-    """Refuse to silently redo a finished run; clear it with --overwrite. Returns the
-    previous run record (MLflow run id) when resuming."""
+def writable_dir_problem(path: Path) -> str | None:
+    """Why a folder could not be created and written here, checked without creating it."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return "no existing parent folder"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
+def make_dir(path: Path, source: str, key: str) -> None:
+    """Create a folder and prove it is writable, or fail with one line."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError([Problem(source, key, f"{path} is not writable ({exc.strerror}); choose another folder", show_value=False)]) from None
+
+
+def _check_output(cfg: Config, *, overwrite: bool) -> dict[str, Any]:
+    """Before anything is written: refuse to silently redo a finished (or diverged) run, and a
+    folder that cannot be written. Returns the previous run record (MLflow run id) to resume."""
     out = Path(cfg.output.dir)
-    record_file = out / RUN_FILE
-    finished = (out / FINAL_DIR / COMPLETE_MARKER).exists()
+    problem = writable_dir_problem(out)
+    if problem:
+        raise ConfigError([Problem(cfg.paths.training or "config", "output.dir", f"cannot write {out}: {problem}; choose another output.dir", show_value=False)])
     if overwrite:
-        for name in (FINAL_DIR, BEST_DIR, "checkpoints", RUN_FILE):
-            target = out / name
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-        shutil.rmtree(Path(cfg.ray.storage_path) / ray_run_name(cfg), ignore_errors=True)
         return {}
-    if finished:
+    if (out / FINAL_DIR / COMPLETE_MARKER).exists():
         raise ConfigError(
             [Problem(str(out), "output.dir", "holds a finished run; pass --overwrite to start over or choose another output.dir", show_value=False)]
         )
@@ -196,14 +219,19 @@ def _prepare_output(cfg: Config, *, overwrite: bool) -> dict[str, Any]:
     if diverged:
         message = json.loads(diverged[-1].read_text()).get("message", "the loss diverged")
         raise ConfigError([Problem(str(out), "output.dir", f"this run diverged ({message}); change the config and pass --overwrite to start over", show_value=False)])
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError([Problem(str(out), "output.dir", f"is not writable ({exc.strerror}); choose another output.dir", show_value=False)]) from None
+    record_file = out / RUN_FILE
     return json.loads(record_file.read_text()) if record_file.exists() else {}
+
+
+def _make_output(cfg: Config, *, overwrite: bool) -> None:
+    out = Path(cfg.output.dir)
+    if overwrite:
+        for name in (FINAL_DIR, BEST_DIR, "checkpoints", RUN_FILE):
+            target = out / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        if "://" not in cfg.ray.storage_path:
+            shutil.rmtree(Path(cfg.ray.storage_path) / ray_run_name(cfg), ignore_errors=True)
+    make_dir(out, cfg.paths.training or "config", "output.dir")
 
 
 def run_training(cfg: Config, *, resume: str | None = None, use_ray: bool = True, overwrite: bool = False) -> TrainResult:
@@ -213,16 +241,19 @@ def run_training(cfg: Config, *, resume: str | None = None, use_ray: bool = True
         cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"num_workers": 1})})
     if resume is not None and not Path(resume).is_dir():
         raise ConfigError([Problem("command line", "--resume", "checkpoint folder not found", resume)])
-    record = _prepare_output(cfg, overwrite=overwrite)
+    record = _check_output(cfg, overwrite=overwrite)
+    uri = default_tracking_uri(cfg.output.tracking_uri) if cfg.output.report_to != "none" else None
+    if uri:
+        check_tracking_server(uri)  # before any data work or worker
     pre = preflight(cfg)
     print(pre.plan.format(), file=sys.stderr)
     for split in (pre.train, pre.eval):
         if split is not None and split.audit.kept < split.audit.total:
-            log.warning(split.audit.format())
+            log.warning("%s", split.audit.summary())
+    _make_output(cfg, overwrite=overwrite)
 
-    tracker, run_id, uri = None, None, None
-    if cfg.output.report_to != "none":
-        uri = default_tracking_uri(cfg.output.tracking_uri)
+    tracker, run_id = None, None
+    if uri:
         tracker = _connect_tracker(uri, cfg.output.experiment_name)
         run_id = record.get("mlflow_run_id") if record.get("tracking_uri") == uri else None
         if run_id and tracker.reopen(run_id):
@@ -257,6 +288,28 @@ def run_training(cfg: Config, *, resume: str | None = None, use_ray: bool = True
         tracker.set_tags(run_id, {"raytune_qvl.status": "completed"})
         tracker.end(run_id, "FINISHED")
     return TrainResult(Path(cfg.output.dir), metrics, run_id, uri, history)
+
+
+def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server must answer now: MLflow's client would otherwise retry for minutes
+    and fail after the first trial."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    from raytune_qvl.tracking import redact
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        reason = f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise ConfigError([Problem(redact(uri), "tracking_uri", f"MLflow tracking server unreachable ({reason}); start it or fix the URI", show_value=False)])
 
 
 def _connect_tracker(uri: str, experiment: str) -> Any:

@@ -40,6 +40,7 @@ from raytune_qvl.engine import (
     all_reduce_sum,
     barrier,
     build_engine,
+    count_nodes,
     device_config,
     gathered_lora_state,
     init_distributed,
@@ -187,6 +188,7 @@ class Session:
     state: TrainState
     resumed: bool
     start_step: int  # the step this process started from
+    num_nodes: int  # nodes the workers span
 
 
 def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter) -> Session:
@@ -244,6 +246,7 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter) -> Session:
         state=state,
         resumed=resume is not None,
         start_step=state.global_step,
+        num_nodes=count_nodes(ctx),
     )
 
 
@@ -272,6 +275,7 @@ def _progress(s: Session) -> dict[str, Any]:
         "samples_seen": s.state.samples_seen,
         "total_steps": s.plan.total_steps,
         "start_step": s.start_step,  # > 0 after a resume or a worker restart
+        "num_nodes": s.num_nodes,
     }
 
 

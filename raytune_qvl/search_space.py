@@ -103,6 +103,7 @@ class Resources(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)  # with use_gpu
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # a trial's workers over nodes
     max_concurrent_trials: int | None = Field(None, ge=1)  # None: from the cluster's resources
 
 
@@ -226,6 +227,8 @@ def trial_config(space: SearchSpace, base: Config, point: Mapping[str, Any], lr_
             "ray.num_workers": space.resources.workers_per_trial,
             "ray.use_gpu": space.resources.use_gpu,
             "ray.resources_per_worker": _worker_resources(space),
+            "ray.placement_strategy": space.resources.placement_strategy,
+            "ray.shared_storage": space.shared_storage,
             "ray.storage_path": space.storage_path if "://" in space.storage_path else str(Path(space.storage_path).absolute()),
             "training.metric_for_best_model": space.metric,
             "training.greater_is_better": space.mode == "max",

@@ -199,13 +199,11 @@ def _prepare_dir(space: SearchSpace, *, resume: bool, overwrite: bool) -> SweepS
         return state
     if resume:
         raise ConfigError([Problem(str(space.sweep_dir), "--resume", "no sweep to resume here; run without --resume to start it", show_value=False)])
-    try:
-        space.sweep_dir.mkdir(parents=True, exist_ok=True)
-        probe = space.sweep_dir / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError([Problem(space.source, "output_dir", f"{space.sweep_dir} is not writable ({exc.strerror}); choose another output_dir", show_value=False)]) from None
+    from raytune_qvl.launch import writable_dir_problem
+
+    problem = writable_dir_problem(space.sweep_dir)
+    if problem:
+        raise ConfigError([Problem(space.source, "output_dir", f"cannot write {space.sweep_dir}: {problem}; choose another output_dir", show_value=False)])
     return SweepState(name=space.name)
 
 
@@ -213,12 +211,15 @@ def run_sweep(space: SearchSpace, base: Config, *, resume: bool = False, overwri
     from raytune_qvl.launch import _connect_tracker, log_audit, preflight
     from raytune_qvl.tracking import default_tracking_uri
 
+    from raytune_qvl.launch import check_tracking_server, make_dir
+
     state = _prepare_dir(space, resume=resume, overwrite=overwrite)
     state_path = _state_path(space)
+    uri = default_tracking_uri(space.mlflow.tracking_uri)
+    check_tracking_server(uri)  # before any data work or trial
     pre = preflight(base)
     _check_feasible(space, base, len(pre.train.items))
-
-    uri = default_tracking_uri(space.mlflow.tracking_uri)
+    make_dir(space.sweep_dir, space.source, "output_dir")
     tracker = _connect_tracker(uri, space.experiment)
     if state.parent_run_id and state.tracking_uri == uri and tracker.reopen(state.parent_run_id):
         parent = state.parent_run_id

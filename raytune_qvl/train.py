@@ -61,9 +61,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         from raytune_qvl.plan import make_plan
 
         cfg = load_from_args(args)
-        plan = make_plan(cfg)
         if args.dry_run:
-            print(plan.format())
+            print(make_plan(cfg).format())
             return
         from raytune_qvl.launch import run_training
 

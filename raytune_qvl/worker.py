@@ -65,6 +65,7 @@ class RayReporter:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray
     import ray.train
 
     from raytune_qvl.config import Config
@@ -79,6 +80,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         world_size=context.get_world_size(),
         local_rank=context.get_local_rank(),
         on_gpu=cfg.ray.use_gpu,
+        node=ray.get_runtime_context().get_node_id(),
     )
     if ctx.on_gpu:
         import torch
