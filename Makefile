@@ -14,7 +14,7 @@ else
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: all setup assets demo demo-train lint test bench clean
+.PHONY: all setup assets demo demo-train lint system-deps test bench clean
 
 all: demo
 
@@ -44,10 +44,27 @@ demo-train: assets
 	$(PY) -m raytune_qvl.train --config configs/tiny/training_config.yaml \
 		--lora_config configs/tiny/lora_config.yaml --deepspeed configs/ds_config_zero2.json --overwrite
 
+# Debian packages some tests use: headless Chromium + chromedriver (the MLflow UI test) and
+# PostgreSQL (a tracking server's backend). Installed when running as root; otherwise those
+# tests are skipped, saying why.
+system-deps:
+	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+		missing=""; \
+		command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+		command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
+		ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+		if [ -n "$$missing" ]; then \
+			echo "installing:$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		fi; \
+	else \
+		echo "not root: the browser and PostgreSQL tests need chromium, chromium-driver and postgresql installed"; \
+	fi
+
 lint: $(STAMP)
 	$(PY) -m ruff check raytune_qvl tests bench
 
-test: assets lint
+test: assets lint system-deps
 	$(PY) -m pytest
 
 clean:

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -185,8 +186,10 @@ def writable_dir_problem(path: Path) -> str | None:
         probe = probe.parent
     if not probe.is_dir():
         return f"{probe} is a file, not a folder"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"{probe} is not writable"
+    try:  # a real attempt (permission bits say little to root, or on /proc and read-only mounts)
+        os.rmdir(tempfile.mkdtemp(prefix=".raytune_qvl_probe_", dir=probe))
+    except OSError as exc:
+        return f"{probe} is not writable ({exc.strerror})"
     return None
 
 

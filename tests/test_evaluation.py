@@ -7,9 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
-
-from conftest import ROOT, TINY_LORA, TINY_TRAIN, ZERO2, run_cli
+from conftest import TINY_LORA, TINY_TRAIN, ZERO2, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -49,30 +47,11 @@ def test_training_brings_cer_clearly_below_the_untrained_model(tiny_assets: Path
     assert len(rows) == 16 and all(set(r) >= {"image", "reference", "prediction", "error"} for r in rows)
 
 
-def test_sweep_optimizes_eval_cer(tiny_assets: Path, tmp_path: Path) -> None:
+def test_sweep_optimizes_eval_cer(cer_sweep: Path) -> None:
     """A joint TPE sweep with metric eval_cer / mode min picks its best trial by it."""
     from mlflow.tracking import MlflowClient
 
-    raw = yaml.safe_load((ROOT / "search_spaces" / "tiny_cpu.yaml").read_text())
-    raw["base"] = {k: str(ROOT / v) for k, v in raw["base"].items()}
-    raw.update(
-        name="cer",
-        strategy="joint",
-        joint_trials=2,
-        metric="eval_cer",
-        mode="min",
-        parameters={"training.learning_rate": {"choices": [6.0e-4, 3.0e-3]}, "lora.r": {"choices": [8, 16]}},
-        trials_per_stage=2,
-        storage_path=str(tmp_path / "ray"),
-        output_dir=str(tmp_path / "sweeps"),
-        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "cer"},
-        resources={"workers_per_trial": 1, "max_concurrent_trials": 2},
-    )
-    raw["overrides"].update({"training.num_epochs": 1, "evaluation.generation_every": 1, "evaluation.generation_samples": 4})
-    path = tmp_path / "cer.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    result = run_cli("raytune_qvl.sweep", str(path), timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    tmp_path = cer_sweep
     state = json.loads((tmp_path / "sweeps" / "cer" / "sweep_state.json").read_text())
     trials = [t for t in state["trials"] if t["value"] is not None]
     assert len(trials) == 2

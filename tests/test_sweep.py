@@ -17,7 +17,7 @@ import yaml
 
 from conftest import ROOT, run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 
 def _space(tmp_path: Path) -> Path:

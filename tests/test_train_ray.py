@@ -119,6 +119,7 @@ def _ray_worker_pids() -> list[int]:
     return pids
 
 
+@pytest.mark.faults
 def test_killed_worker_resumes_from_checkpoint_with_exact_step_count(tiny_config, ray_cluster, tmp_path: Path) -> None:
     from raytune_qvl.launch import ray_run_name, run_training
 
@@ -155,6 +156,7 @@ def test_killed_worker_resumes_from_checkpoint_with_exact_step_count(tiny_config
     assert complete["total_steps"] == 48 and complete["step"] == 48
 
 
+@pytest.mark.faults
 def test_interrupt_and_resume_continues_with_the_same_data_order(tiny_assets: Path, tmp_path: Path) -> None:
     """Ctrl-C the CLI after its first checkpoint; the same command continues and ends where an
     uninterrupted run with the same seed ends, with the same eval losses."""
@@ -242,6 +244,7 @@ print("MAXDIFF", (trained - again).abs().max().item(), trained.abs().max().item(
     assert scale > 1 and diff < 1e-4 * scale, line
 
 
+@pytest.mark.faults
 def test_nan_loss_stops_the_run_naming_the_step(tiny_config, ray_cluster, tiny_assets: Path, tmp_path: Path) -> None:
     """A checkpoint with an infinite weight (a corrupted download, say) makes the loss NaN: the
     run stops at that step on every worker, fails in MLflow, and writes no final adapter."""
