@@ -20,7 +20,6 @@ all: demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PAIR)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
