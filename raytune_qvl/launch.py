@@ -74,6 +74,8 @@ def format_progress(m: dict[str, Any], started: float) -> str:
     parts = [f"step {step:>5}/{total} ({100 * step / max(total, 1):3.0f}%)", f"epoch {m.get('epoch', 0):.2f}"]
     if "loss" in m:
         parts += [f"loss {m['loss']:.4f}", f"lr {m['learning_rate']:.2e}", f"{m['samples_per_second']:.1f} samples/s"]
+    if "setup_seconds" in m:
+        parts.append(f"set-up {m['setup_seconds']:.1f}s (data {m['data_prep_seconds']:.2f}s)")
     evals = [f"{k} {v:.4f}" for k, v in m.items() if k.startswith("eval_") and isinstance(v, float)]
     if evals:
         parts.append("| " + " ".join(evals))
@@ -240,6 +242,7 @@ def _make_output(cfg: Config, *, overwrite: bool) -> None:
 def run_training(cfg: Config, *, resume: str | None = None, use_ray: bool = True, overwrite: bool = False) -> TrainResult:
     from raytune_qvl.tracking import default_tracking_uri
 
+    launched = time.time()
     if not use_ray:
         cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"num_workers": 1})})
     if resume is not None and not Path(resume).is_dir():
@@ -276,7 +279,7 @@ def run_training(cfg: Config, *, resume: str | None = None, use_ray: bool = True
             tracker.log_metrics(run_id, m, step=int(m.get("step", 0)))
 
     try:
-        metrics = _fit_ray(cfg, resume, on_metrics) if use_ray else _fit_local(cfg, resume, on_metrics)
+        metrics = _fit_ray(cfg, resume, on_metrics, launched) if use_ray else _fit_local(cfg, resume, on_metrics, launched)
         if metrics.get("diverged"):
             raise TrainingFailed([f"training diverged: {metrics['diverged']}"])
     except BaseException as exc:
@@ -329,17 +332,17 @@ def _connect_tracker(uri: str, experiment: str) -> Any:
         ) from None
 
 
-def _fit_local(cfg: Config, resume: str | None, on_metrics: Any) -> dict[str, Any]:
+def _fit_local(cfg: Config, resume: str | None, on_metrics: Any, started_at: float | None = None) -> dict[str, Any]:
     from raytune_qvl.engine import WorkerContext
     from raytune_qvl.loop import LocalReporter, train
     from raytune_qvl.worker import quiet_worker
 
     quiet_worker(0)
     on_gpu = cfg.ray.use_gpu
-    return train(cfg, WorkerContext(on_gpu=on_gpu), LocalReporter(cfg, on_metrics, resume))
+    return train(cfg, WorkerContext(on_gpu=on_gpu), LocalReporter(cfg, on_metrics, resume), started_at=started_at)
 
 
-def _fit_ray(cfg: Config, resume: str | None, on_metrics: Any) -> dict[str, Any]:
+def _fit_ray(cfg: Config, resume: str | None, on_metrics: Any, started_at: float | None = None) -> dict[str, Any]:
     from ray.util.queue import Empty, Queue
 
     from raytune_qvl.cluster import check_storage, ray_session
@@ -349,7 +352,7 @@ def _fit_ray(cfg: Config, resume: str | None, on_metrics: Any) -> dict[str, Any]
     with ray_session(cfg.ray.address, min_cpus=workers * cpus + 1):
         check_storage(cfg.ray.storage_path, shared=cfg.ray.shared_storage, source=cfg.paths.training or "config", key="ray.storage_path")
         progress: Queue = Queue()
-        trainer = build_trainer(cfg, resume, callbacks=[QueueCallback(progress)])
+        trainer = build_trainer(cfg, resume, callbacks=[QueueCallback(progress)], started_at=started_at)
         outcome: dict[str, Any] = {}
 
         def fit() -> None:
@@ -386,7 +389,13 @@ class QueueCallback(UserCallback):
 
 
 def build_trainer(
-    cfg: Config, resume: str | None, callbacks: list[Any], name: str | None = None, storage_path: str | None = None, verbose: bool = True
+    cfg: Config,
+    resume: str | None,
+    callbacks: list[Any],
+    name: str | None = None,
+    storage_path: str | None = None,
+    verbose: bool = True,
+    started_at: float | None = None,
 ) -> Any:
     """The TorchTrainer of one run: the worker count, devices and failure handling from the
     config; checkpoints kept by recency (the best adapter is kept aside by the loop)."""
@@ -400,7 +409,7 @@ def build_trainer(
         resources.setdefault("GPU", 1)
     return TorchTrainer(
         train_loop_per_worker=_entry,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "resume": resume, "verbose": verbose},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "resume": resume, "verbose": verbose, "started_at": started_at or time.time()},
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
             use_gpu=cfg.ray.use_gpu,

@@ -189,10 +189,14 @@ class Session:
     resumed: bool
     start_step: int  # the step this process started from
     num_nodes: int  # nodes the workers span
+    started_at: float  # wall-clock time the run (or trial) was launched, for setup_seconds
+    data_seconds: float  # this worker's data preparation (a cache read when prepared before)
 
 
-def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter) -> Session:
-    """Process group, data, model + LoRA, DeepSpeed engine, and the resume point."""
+def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float | None = None) -> Session:
+    """Process group, data, model + LoRA, DeepSpeed engine, and the resume point.
+    `started_at`: when the run was launched (default now), to report the set-up time."""
+    started_at = time.time() if started_at is None else started_at
     from raytune_qvl.data import Collator, EpochSampler, TrainDataset, check_audit, load_or_prepare
     from raytune_qvl.evaluate import GenerationEval
     from raytune_qvl.lora import apply_lora, format_parts, trainable_by_part
@@ -205,8 +209,10 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter) -> Session:
 
     # data: prepared once per node (cached), audited, then sharded by the sampler
     processor = load_processor(cfg)
+    data_started = time.perf_counter()
     train_split = load_or_prepare(cfg, processor, "train")
     eval_split = load_or_prepare(cfg, processor, "eval")
+    data_seconds = time.perf_counter() - data_started
     check_audit(train_split.audit, cfg.data)
     if eval_split is not None:
         check_audit(eval_split.audit, cfg.data)
@@ -247,13 +253,15 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter) -> Session:
         resumed=resume is not None,
         start_step=state.global_step,
         num_nodes=count_nodes(ctx),
+        started_at=started_at,
+        data_seconds=data_seconds,
     )
 
 
-def train(cfg: Config, ctx: WorkerContext, reporter: Reporter) -> dict[str, Any]:
+def train(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float | None = None) -> dict[str, Any]:
     """Train to the planned step count; returns the final metrics (with "diverged" set,
     and no final adapter, when the loss became NaN or infinite)."""
-    return run(setup(cfg, ctx, reporter))
+    return run(setup(cfg, ctx, reporter, started_at))
 
 
 def _evaluate(s: Session) -> dict[str, Any]:
@@ -308,6 +316,7 @@ def run(s: Session) -> dict[str, Any]:
     window = {"loss": 0.0, "micro": 0, "tokens": 0.0, "start": time.perf_counter(), "steps": 0}  # sums for the next log
     last_metrics: dict[str, Any] = {}
     inject_nan = _nan_fault(cfg)
+    first_step = True
 
     if t.eval_on_start and state.global_step == 0 and not s.resumed:
         s.reporter.report({**_progress(s), **_evaluate(s)}, None)
@@ -346,6 +355,9 @@ def run(s: Session) -> dict[str, Any]:
             step = state.global_step
             last = step == total_steps
             metrics: dict[str, Any] = {}
+            if first_step:  # how long this process took to get here (launch, workers, data, model, engine)
+                metrics.update(setup_seconds=time.time() - s.started_at, data_prep_seconds=s.data_seconds)
+                first_step = False
 
             # a NaN on any worker stops every worker at the same step
             (bad,) = all_reduce_max([0.0 if math.isfinite(window["loss"]) else 1.0], engine.device)

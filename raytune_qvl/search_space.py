@@ -91,6 +91,7 @@ class LrScaling(_Strict):
 
 
 class Asha(_Strict):
+    enabled: bool = True  # false: every trial runs its full budget (a baseline)
     time_attr: Literal["epoch", "samples_seen"] = "epoch"  # budget-fair across batch sizes
     grace_period: float = Field(1.0, gt=0)  # in time_attr units
     max_t: float | None = Field(None, gt=0)  # None: the longest trial of the stage
@@ -117,7 +118,7 @@ class SearchSpace(_Strict):
     base: BaseFiles
     overrides: dict[str, Any] = Field(default_factory=dict)  # the task's starting point: section.key: value
     parameters: dict[str, Domain] = Field(min_length=1)  # in priority order (the file's order)
-    strategy: Literal["staged", "joint"] = "staged"
+    strategy: Literal["staged", "joint", "random"] = "staged"  # random: a baseline without TPE
     trials_per_stage: int | dict[str, int] = 4
     joint_trials: int = Field(16, ge=1)
     metric: str = "eval_loss"
@@ -165,9 +166,10 @@ class Stage:
 
 def stages(space: SearchSpace) -> list[Stage]:
     """`staged`: one stage per parameter in the file's (priority) order; the effective-batch
-    stage also searches a factor around the linearly scaled learning rate. `joint`: one."""
-    if space.strategy == "joint":
-        return [Stage(1, "joint", dict(space.parameters), space.joint_trials)]
+    stage also searches a factor around the linearly scaled learning rate. `joint` (TPE) and
+    `random`: one stage over every parameter."""
+    if space.strategy in ("joint", "random"):
+        return [Stage(1, space.strategy, dict(space.parameters), space.joint_trials)]
     out = []
     for i, (key, domain) in enumerate(space.parameters.items(), start=1):
         params = {key: domain}

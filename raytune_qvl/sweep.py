@@ -379,7 +379,11 @@ def _run_stage(space: SearchSpace, base: Config, pre: Any, stage: Stage, fixed: 
                 space=optuna_space(stage.params, {k: _param_type(k) for k in stage.params}),
                 metric=space.metric,
                 mode=space.mode,
-                sampler=optuna.samplers.TPESampler(seed=space.seed + stage.index),
+                sampler=(
+                    optuna.samplers.RandomSampler(seed=space.seed + stage.index)
+                    if space.strategy == "random"
+                    else optuna.samplers.TPESampler(seed=space.seed + stage.index)
+                ),
                 study_name=f"{space.name}-{stage.label}",
                 storage=optuna.storages.RDBStorage(f"sqlite:///{study_db}"),
             ),
@@ -392,7 +396,7 @@ def _run_stage(space: SearchSpace, base: Config, pre: Any, stage: Stage, fixed: 
         grace = space.asha.grace_period
         scheduler = (
             ASHAScheduler(time_attr=space.asha.time_attr, max_t=max_t, grace_period=grace, reduction_factor=space.asha.reduction_factor, brackets=space.asha.brackets)
-            if max_t > grace
+            if space.asha.enabled and max_t > grace
             else FIFOScheduler()
         )
         tuner = build_tuner(trainable, stage, space, searcher, scheduler, concurrency, storage, callbacks)

@@ -87,4 +87,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from ray.train.torch import get_device
 
         torch.cuda.set_device(get_device())
-    train(cfg, ctx, RayReporter(config.get("resume")))
+    train(cfg, ctx, RayReporter(config.get("resume")), started_at=config.get("started_at"))
