@@ -54,7 +54,7 @@ def _space(tmp_path: Path, **changes) -> Path:
 BAD = [
     ({"pruner": {"type": "MedianPruner"}}, ["pruner", "ignores Optuna pruners", "asha"]),
     ({"stratgy": "staged"}, ["stratgy", "did you mean 'strategy'"]),
-    ({"strategy": "grid"}, ["strategy", "'staged' or 'joint'"]),
+    ({"strategy": "grid"}, ["strategy", "'staged', 'joint' or 'random'"]),
     ({"parameters": {"training.learnin_rate": {"choices": [1e-4]}}}, ["parameters.training.learnin_rate", "did you mean 'training.learning_rate'"]),
     ({"parameters": {"training.learning_rate": {"low": 1e-3, "high": 1e-4}}}, ["low must be < high"]),
     ({"parameters": {"training.learning_rate": {"low": 0.0, "high": 1e-3, "log": True}}}, ["a log range needs low > 0"]),
