@@ -1,6 +1,7 @@
 """The reference the loop is measured against: a plain PyTorch + peft training loop, no
 DeepSpeed, no Ray — the same tiny model, data, batch, optimizer (AdamW) and dtype as the tiny
-config. Prints one JSON line: {"samples_per_second": ..., "steps": ...}.
+config (bf16 weights, adapters included, as DeepSpeed's bf16 mode trains them).
+Prints one JSON line: {"samples_per_second": ..., "steps": ...}.
 
 Run as: python -m bench.plain_loop [--steps 60] [--warmup 10]
 """
@@ -20,6 +21,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="steps before measuring")
     parser.add_argument("--config", default="configs/tiny/training_config.yaml")
     parser.add_argument("--lora_config", default="configs/tiny/lora_config.yaml")
+    parser.add_argument(
+        "--fp32-adapters", action="store_true",
+        help="keep peft's default (fp32 adapters over the bf16 base) instead of the engine's all-bf16 module",
+    )
     args = parser.parse_args()
     runtime.quiet_libraries()
 
@@ -36,6 +41,8 @@ def main() -> None:
     processor = load_processor(cfg)
     items = load_or_prepare(cfg, processor, "train").items
     model = apply_lora(load_model(cfg), cfg.lora)
+    if not args.fp32_adapters:
+        model = model.to(torch.bfloat16)  # what DeepSpeed's bf16 mode trains: every weight in bf16
     model.train()
     t = cfg.training
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate, weight_decay=t.weight_decay)

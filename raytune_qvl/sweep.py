@@ -217,7 +217,9 @@ def run_sweep(space: SearchSpace, base: Config, *, resume: bool = False, overwri
     state_path = _state_path(space)
     uri = default_tracking_uri(space.mlflow.tracking_uri)
     check_tracking_server(uri)  # before any data work or trial
-    pre = preflight(base)
+    prep_started = time.perf_counter()
+    pre = preflight(base)  # once per sweep: the trials read the prepared data from the cache
+    prep_seconds = time.perf_counter() - prep_started
     _check_feasible(space, base, len(pre.train.items))
     make_dir(space.sweep_dir, space.source, "output_dir")
     tracker = _connect_tracker(uri, space.experiment)
@@ -234,6 +236,7 @@ def run_sweep(space: SearchSpace, base: Config, *, resume: bool = False, overwri
         })
         tracker.log_artifact(parent, space.source, "search_space")
         log_audit(tracker, parent, pre)
+        tracker.log_metrics(parent, {"data_prep_seconds": prep_seconds}, step=0)
         state.parent_run_id, state.tracking_uri = parent, uri
         state.save(state_path)
 

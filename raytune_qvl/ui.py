@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from typing import Sequence
@@ -19,7 +20,7 @@ from typing import Sequence
 from raytune_qvl import runtime
 from raytune_qvl.errors import ConfigError, Problem, run_cli
 
-__all__ = ["server_command", "main"]
+__all__ = ["server_command", "server_env", "serve", "main"]
 
 log = logging.getLogger("raytune_qvl")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -62,12 +63,33 @@ def main(argv: Sequence[str] | None = None) -> None:
             log.warning("binding the MLflow UI to %s: anyone who reaches this machine on port %d can read and change your runs", args.host, args.port)
         shown = "localhost" if args.host in LOOPBACK else args.host
         print(f"MLflow UI for {redact(uri)} at http://{shown}:{args.port} (Ctrl-C to stop)", flush=True)
-        try:
-            subprocess.run(server_command(uri, args.host, args.port, args.workers), env=server_env(), check=False)
-        except KeyboardInterrupt:
-            pass
+        serve(server_command(uri, args.host, args.port, args.workers))
 
     run_cli(run)
+
+
+def serve(command: list[str]) -> int:
+    """Run the server in its own process group and take the whole group down with us: `mlflow
+    server` starts a uvicorn child that would outlive a plain terminate."""
+    proc = subprocess.Popen(command, env=server_env(), start_new_session=True)
+
+    def stop() -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, lambda s, f: (stop(), sys.exit(143)))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        stop()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

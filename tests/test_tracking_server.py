@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -67,7 +68,7 @@ def tracking_server(postgres: str, tmp_path: Path):
 
     port = _free_port()
     cmd = server_command(postgres, "127.0.0.1", port) + ["--artifacts-destination", str(tmp_path / "artifacts")]
-    proc = subprocess.Popen(cmd, env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -80,7 +81,7 @@ def tracking_server(postgres: str, tmp_path: Path):
         proc.kill()
         pytest.fail("mlflow server did not start: " + (proc.stdout.read() if proc.stdout else ""))
     yield url
-    proc.terminate()
+    os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn child
     proc.wait(timeout=30)
 
 

@@ -1,0 +1,155 @@
+"""Writes BENCHMARKS.md from bench/results/latest.json (called by bench/run_bench.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+DEFINITIONS = """\
+| key | meaning |
+|---|---|
+| `loop_ratio_vs_plain` | median samples/s of raytune_qvl's loop (DeepSpeed ZeRO-2 engine, one process, `--no-ray`) ÷ median samples/s of the plain PyTorch + peft loop (`bench/plain_loop.py`), same tiny model, data, micro batch 4, accumulation 2, AdamW, bf16, steady state (the first logging window, with warm-up, left out) |
+| `ray_loop_ratio_vs_plain` | the same loop inside a Ray `TorchTrainer` with 1 worker ÷ the plain loop |
+| `trial_setup_seconds` | median over a sweep's trials of the time from the trial's start (its `TorchTrainer` being built) to its first optimizer step: worker processes, process group, data read, model + LoRA, DeepSpeed engine |
+| `data_prep_reuse_ratio` | median data-preparation time of trials 2..N ÷ the cold preparation (audit + tokenization of 2,000 records with an empty cache), which the sweep driver does once before the first trial; every trial, the first included, reads the prepared data from the cache |
+| `sweep_best_gap_vs_grid` | (best eval_loss of the default staged TPE + ASHA sweep − best of the exhaustive grid) ÷ best of the grid; ≤ 0 means the sweep found an equal or better configuration |
+| `sweep_samples_ratio_vs_grid` | training samples processed by the staged sweep (every trial, stopped ones up to where ASHA stopped them) ÷ those of the grid |
+"""
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _verdict(ok: bool | None) -> str:
+    return "—" if ok is None else ("meets the target" if ok else "**below the target**")
+
+
+def write_benchmarks_md(results: dict[str, Any], plots: list[str]) -> None:
+    env = results["environment"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Measured by `make bench` (`python -m bench.run_bench`); machine-readable results in",
+        "[`bench/results/latest.json`](bench/results/latest.json). Every ratio is measured side by side in",
+        "one run; speeds are medians of repeated runs. These are benchmarks, not tests.",
+        "",
+        f"Machine: {env['cpu']}, {env['cores']} cores, {env['memory_gib']} GiB, no GPU. Python {env['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+        + f". Date: {env['date']}.",
+        "",
+        "## Summary",
+        "",
+        "| key | value | target | |",
+        "|---|---|---|---|",
+    ]
+    loop, over, search = results.get("loop"), results.get("overhead"), results.get("search")
+    rows = [
+        ("loop_ratio_vs_plain", results.get("loop_ratio_vs_plain"), "≥ 0.95", None if not loop else results["loop_ratio_vs_plain"] >= 0.95),
+        ("ray_loop_ratio_vs_plain", results.get("ray_loop_ratio_vs_plain"), "≥ 0.95", None if not loop else results["ray_loop_ratio_vs_plain"] >= 0.95),
+        ("trial_setup_seconds", results.get("trial_setup_seconds"), "—", None),
+        ("data_prep_reuse_ratio", results.get("data_prep_reuse_ratio"), "≤ 0.10", None if not over else results["data_prep_reuse_ratio"] <= 0.10),
+        ("sweep_best_gap_vs_grid", results.get("sweep_best_gap_vs_grid"), "≤ 0.02", None if not search else results["sweep_best_gap_vs_grid"] <= 0.02),
+        ("sweep_samples_ratio_vs_grid", results.get("sweep_samples_ratio_vs_grid"), "≤ 0.33", None if not search else results["sweep_samples_ratio_vs_grid"] <= 1 / 3),
+    ]
+    for key, value, target, ok in rows:
+        lines.append(f"| `{key}` | {_fmt(value)} | {target} | {_verdict(ok)} |")
+    lines += ["", DEFINITIONS]
+
+    if loop:
+        med = loop["median_samples_per_second"]
+        lines += [
+            "## 1. Loop efficiency",
+            "",
+            "Samples per second, steady state, tiny Qwen2.5-VL (bf16, LoRA r=16 on the language model), micro batch 4,",
+            "effective batch 8 in every row; repeats: " + ", ".join(f"{k} {[round(x, 1) for x in v]}" for k, v in loop["runs"].items()) + ".",
+            "",
+            "| loop | samples/s | ÷ plain |",
+            "|---|---|---|",
+        ]
+        for name, value in med.items():
+            lines.append(f"| {name} | {value:.1f} | {value / med['plain']:.3f} |")
+        lines += ["", "![loop throughput](bench/results/loop_throughput.png)", ""]
+        lines += [LOOP_NOTES, ""]
+    if over:
+        lines += [
+            "## 2. Per-trial overhead",
+            "",
+            f"A sweep of {len(over['trials'])} trials (one at a time, 16 optimizer steps each) on 2,000 synthetic records with a cold cache.",
+            "",
+            f"- cold data preparation (the driver, once per sweep): {over['cold_data_prep_seconds']:.2f} s",
+            f"- trial 1 data preparation (a cache read): {over['trial1_data_prep_seconds']:.3f} s; trials 2..N median: {over['trials_2_n_data_prep_seconds_median']:.3f} s",
+            f"- time from a trial's start to its first optimizer step (median): {over['trial_setup_seconds']:.1f} s, "
+            f"{100 * over['trial_setup_share']:.0f}% of the trial's wall time",
+            "",
+            "| trial | set-up (s) | data (s) | wall (s) |",
+            "|---|---|---|---|",
+            *[f"| {r['trial']} | {r['setup_seconds']:.1f} | {r['data_prep_seconds']:.3f} | {r['wall_seconds']:.1f} |" for r in over["trials"]],
+            "",
+            OVERHEAD_NOTES,
+            "",
+        ]
+    if search:
+        lines += [
+            "## 3. Search efficiency",
+            "",
+            "The tiny synthetic document task, metric eval_loss (min). Grid: learning rate {2e-4, 6e-4, 1.5e-3, 3e-3} x rank {4, 8, 16, 32} at the",
+            "full budget (3 epochs), no early stopping. Random: as many trials as the staged sweep trained, over its four parameters, no early stopping.",
+            "",
+            "| search | trials | stopped by ASHA | best eval_loss | training samples | wall (s) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name in ("staged", "grid", "random"):
+            r = search[name]
+            lines.append(f"| {name} | {r['trials']} | {r['stopped']} | {r['best']:.4f} | {r['samples']} | {r['wall_seconds']:.0f} |")
+        lines += ["", "![search efficiency](bench/results/search_efficiency.png)", "", SEARCH_NOTES, ""]
+    if "scaling" in results:
+        lines += ["## 4. Scaling on this machine", "", "Random-search sweeps of short trials (16 steps), 1 worker per trial.", "",
+                  "| trials | concurrency | wall (s) | per trial (s) |", "|---|---|---|---|"]
+        for r in results["scaling"]["rows"]:
+            lines.append(f"| {r['trials']} | {r['concurrency']} | {r['wall_seconds']:.0f} | {r['per_trial_seconds']:.1f} |")
+        lines += ["", "![scaling](bench/results/scaling.png)", "", SCALING_NOTES, ""]
+    lines += [GPU_NOTES, ""]
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
+
+
+LOOP_NOTES = """\
+The engine adds ZeRO bookkeeping (gradient partitions, bucketed reductions) the plain loop does not
+have; on CPU with a model this small, the per-step fixed cost of DeepSpeed's optimizer wrapper is
+a visible share of a ~30 ms step. ZeRO-3 with CPU offload pays parameter gathering and the
+offloaded optimizer on every step by design: it is the memory-saving configuration, not the fast one.
+With 2 workers each worker has one of the 2 cores (Ray sets one thread per worker), against the plain
+loop's two threads in one process."""
+
+OVERHEAD_NOTES = """\
+Set-up is dominated by what a trial's new processes do before training: start the Ray Train worker
+group, import torch/transformers/deepspeed, build the process group and the DeepSpeed engine. The
+data is prepared once per sweep by the driver and every trial reads it from the cache."""
+
+SEARCH_NOTES = """\
+The staged sweep also searches the effective batch and the epochs, which the grid holds at their
+starting values, and ASHA stops poor trials early; the grid trains every learning-rate x rank pair
+to the end."""
+
+SCALING_NOTES = """\
+On 2 cores a trial's fixed start-up cost (new worker processes) dominates short trials; running two
+at a time overlaps one trial's start-up with another's training."""
+
+GPU_NOTES = """\
+## GPU
+
+`bench/gpu_step.py` measures the loop's engine on one GPU with a randomly initialised Qwen2.5-VL of a
+real shape (`--shape 3b` or `7b`), bf16, SDPA or FlashAttention-2 (`--attn flash_attention_2`),
+ZeRO-2: tokens/s, model FLOPs utilization (its docstring writes the FLOPs formula down:
+≈ 4·N + 8·L·s·d per trained token with LoRA) and peak memory:
+
+    python -m bench.gpu_step --shape 7b --batch 4 --seq 1024 --steps 30
+
+No GPU was lent to the sessions that wrote these benchmarks, so its figures are not recorded yet;
+the script runs on CPU with `--shape tiny --device cpu` (the test suite does) and unchanged on a GPU."""

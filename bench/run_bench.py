@@ -1,0 +1,312 @@
+"""Benchmarks of raytune_qvl against plain baselines, each ratio measured side by side in one run:
+
+1. loop efficiency: samples/s of the loop (DeepSpeed ZeRO-2 and ZeRO-3, one process; then under
+   a Ray TorchTrainer with 1 and 2 workers) against a plain PyTorch + peft loop (bench/plain_loop.py);
+2. per-trial overhead: time from a trial's start to its first optimizer step and its share of the
+   trial; data preparation once per sweep against the trials' reads of it;
+3. search efficiency: the staged TPE + ASHA sweep against an exhaustive grid (learning rate x rank,
+   full budget, no early stopping) and random search with as many trials (no early stopping);
+4. scaling: sweep wall time for 4, 8 and 16 trials at concurrency 1 and 2.
+
+Run as: python -m bench.run_bench [--quick] [--only loop,overhead,search,scaling]
+Writes bench/results/latest.json and the plots, and rewrites BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+TINY = ["--config", "configs/tiny/training_config.yaml", "--lora_config", "configs/tiny/lora_config.yaml"]
+SPEED = re.compile(r"^step\s+(\d+)/\d+.*?([\d.]+) samples/s")
+
+
+def _run(args: list[str], timeout: int = 1800, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:4])} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def _progress_speeds(stderr: str, skip_first: bool = True) -> list[float]:
+    """samples/s of every logging window (the first one, with warm-up, left out)."""
+    speeds = [float(m.group(2)) for line in stderr.splitlines() if (m := SPEED.match(line))]
+    return speeds[1:] if skip_first else speeds
+
+
+# ----------------------------------------------------------------------------- 1. loop
+
+
+def bench_loop(repeats: int, steps: int, tmp: Path) -> dict[str, Any]:
+    common = [f"training.max_steps={steps}", "training.logging_steps=10", f"training.eval_steps={steps}", f"training.save_steps={steps}",
+              "evaluation.generation_samples=0", "data.num_workers=0", f"output.tracking_uri=sqlite:///{tmp / 'loop.db'}", "--overwrite"]
+    runs: dict[str, list[float]] = {"plain": [], "zero2": [], "zero3_offload": [], "ray_1_worker": [], "ray_2_workers": []}
+    for i in range(repeats):
+        plain = json.loads(_run(["-m", "bench.plain_loop", "--steps", str(steps - 10), "--warmup", "10"]).stdout.strip().splitlines()[-1])
+        runs["plain"].append(plain["samples_per_second"])
+        for name, ds, extra in (
+            ("zero2", "configs/ds_config_zero2.json", ["--no-ray"]),
+            ("zero3_offload", "configs/ds_config_zero3_offload.json", ["--no-ray"]),
+            ("ray_1_worker", "configs/ds_config_zero2.json", ["ray.num_workers=1"]),
+            ("ray_2_workers", "configs/ds_config_zero2.json", ["ray.num_workers=2", "training.gradient_accumulation_steps=1"]),
+        ):
+            out = _run(["-m", "raytune_qvl.train", *TINY, "--deepspeed", ds, *common, *extra,
+                        f"output.dir={tmp / f'{name}-{i}'}", f"ray.storage_path={tmp / 'ray'}"])
+            runs[name].append(statistics.median(_progress_speeds(out.stderr)))
+    medians = {k: statistics.median(v) for k, v in runs.items()}
+    return {
+        "runs": runs,
+        "median_samples_per_second": medians,
+        "loop_ratio_vs_plain": medians["zero2"] / medians["plain"],
+        "zero3_ratio_vs_plain": medians["zero3_offload"] / medians["plain"],
+        "ray_loop_ratio_vs_plain": medians["ray_1_worker"] / medians["plain"],
+        "ray_2_workers_ratio_vs_plain": medians["ray_2_workers"] / medians["plain"],
+    }
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def _space_file(tmp: Path, name: str, **changes: Any) -> Path:
+    raw = yaml.safe_load((ROOT / "search_spaces" / "tiny_cpu.yaml").read_text())
+    raw["base"] = {k: str(ROOT / v) for k, v in raw["base"].items()}
+    raw.update(name=name, storage_path=str(tmp / "ray"), output_dir=str(tmp / "sweeps"),
+               mlflow={"tracking_uri": f"sqlite:///{tmp / 'bench.db'}", "experiment": f"bench-{name}"})
+    overrides = changes.pop("overrides", {})
+    raw.update(changes)
+    raw["overrides"].update(overrides)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _sweep(tmp: Path, name: str, env: dict | None = None, **changes: Any) -> dict[str, Any]:
+    started = time.perf_counter()
+    _run(["-m", "raytune_qvl.sweep", str(_space_file(tmp, name, **changes)), "--overwrite"], timeout=5400, env=env)
+    wall = time.perf_counter() - started
+    state = json.loads((tmp / "sweeps" / name / "sweep_state.json").read_text())
+    trials = [t for t in state["trials"] if t["trial_id"] != "reused"]
+    return {"wall_seconds": wall, "trials": trials, "parent": state["parent_run_id"]}
+
+
+def _curve(trials: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+    """Best value so far against cumulative training samples, in launch order."""
+    xs, ys, used, best = [], [], 0, None
+    for t in trials:
+        used += int(t.get("samples_seen") or 0)
+        if t["value"] is not None:
+            best = t["value"] if best is None else min(best, t["value"])
+        if best is not None:
+            xs.append(used)
+            ys.append(best)
+    return xs, ys
+
+
+# ----------------------------------------------------------------------------- 2. overhead
+
+
+def bench_overhead(tmp: Path, trials: int) -> dict[str, Any]:
+    """A sweep on a larger data set with a cold cache: the driver prepares the data once, every
+    trial reads it; set-up time of each trial from its first report."""
+    from mlflow.tracking import MlflowClient
+
+    from raytune_qvl.synth import write_dataset
+
+    data = write_dataset(tmp / "data2k", "ocr_doc", 2000, 64, seed=11)
+    cache = tmp / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    result = _sweep(
+        tmp, "overhead", env={"RAYTUNE_QVL_CACHE": str(cache)}, strategy="random", joint_trials=trials, asha={"enabled": False},
+        parameters={"training.learning_rate": {"choices": [6.0e-4, 1.5e-3, 3.0e-3]}, "lora.r": {"choices": [4, 8, 16]}},
+        trials_per_stage=trials, resources={"workers_per_trial": 1, "max_concurrent_trials": 1},
+        overrides={"data.train_path": str(data["train"]), "data.eval_path": str(data["eval"]), "training.max_steps": 16,
+                   "evaluation.generation_samples": 0},
+    )
+    client = MlflowClient(f"sqlite:///{tmp / 'bench.db'}")
+    parent = client.get_run(result["parent"])
+    cold = parent.data.metrics["data_prep_seconds"]
+    rows = []
+    for t in result["trials"]:
+        run = client.search_runs([parent.info.experiment_id], f"tags.`raytune_qvl.trial_id` = '{t['trial_id']}'")[0]
+        wall = (run.info.end_time - run.info.start_time) / 1000
+        rows.append({"trial": t["trial_id"], "setup_seconds": run.data.metrics["setup_seconds"], "data_prep_seconds": run.data.metrics["data_prep_seconds"], "wall_seconds": wall})
+    rows.sort(key=lambda r: client.search_runs([parent.info.experiment_id], f"tags.`raytune_qvl.trial_id` = '{r['trial']}'")[0].info.start_time)
+    later = [r["data_prep_seconds"] for r in rows[1:]]
+    return {
+        "trials": rows,
+        "cold_data_prep_seconds": cold,
+        "trial1_data_prep_seconds": rows[0]["data_prep_seconds"],
+        "trials_2_n_data_prep_seconds_median": statistics.median(later),
+        "data_prep_reuse_ratio": statistics.median(later) / cold,
+        "trial_setup_seconds": statistics.median(r["setup_seconds"] for r in rows),
+        "trial_setup_share": statistics.median(r["setup_seconds"] / r["wall_seconds"] for r in rows),
+    }
+
+
+# ----------------------------------------------------------------------------- 3. search
+
+
+def bench_search(tmp: Path) -> dict[str, Any]:
+    staged = _sweep(tmp, "staged")
+    n = len(staged["trials"])
+    lrs = yaml.safe_load((ROOT / "search_spaces" / "tiny_cpu.yaml").read_text())["parameters"]["training.learning_rate"]["choices"]
+    ranks = [4, 8, 16, 32]
+    full_epochs = 3  # the longest training the staged sweep considers
+    grid = _sweep(
+        tmp, "grid", strategy="joint", joint_trials=len(lrs) * len(ranks), asha={"enabled": False},
+        parameters={"training.learning_rate": {"choices": lrs}, "lora.r": {"choices": ranks}}, trials_per_stage=1,
+        overrides={"training.num_epochs": full_epochs},
+    )
+    random = _sweep(tmp, "random", strategy="random", joint_trials=n, asha={"enabled": False}, trials_per_stage=1)
+    out: dict[str, Any] = {}
+    for name, res in (("staged", staged), ("grid", grid), ("random", random)):
+        values = [t["value"] for t in res["trials"] if t["value"] is not None]
+        out[name] = {
+            "trials": len(res["trials"]),
+            "stopped": sum(1 for t in res["trials"] if t["status"] == "stopped"),
+            "best": min(values),
+            "samples": sum(int(t.get("samples_seen") or 0) for t in res["trials"]),
+            "wall_seconds": res["wall_seconds"],
+            "curve": _curve(res["trials"]),
+        }
+    out["sweep_best_gap_vs_grid"] = (out["staged"]["best"] - out["grid"]["best"]) / out["grid"]["best"]
+    out["sweep_samples_ratio_vs_grid"] = out["staged"]["samples"] / out["grid"]["samples"]
+    out["random_best_gap_vs_grid"] = (out["random"]["best"] - out["grid"]["best"]) / out["grid"]["best"]
+    return out
+
+
+# ----------------------------------------------------------------------------- 4. scaling
+
+
+def bench_scaling(tmp: Path, sizes: list[int]) -> dict[str, Any]:
+    rows = []
+    for concurrency in (1, 2):
+        for n in sizes:
+            res = _sweep(
+                tmp, f"scale{n}c{concurrency}", strategy="random", joint_trials=n, asha={"enabled": False}, trials_per_stage=1,
+                parameters={"training.learning_rate": {"low": 2e-4, "high": 3e-3, "log": True}, "lora.r": {"choices": [4, 8, 16, 32]}},
+                resources={"workers_per_trial": 1, "max_concurrent_trials": concurrency},
+                overrides={"training.max_steps": 16, "evaluation.generation_samples": 0},
+            )
+            rows.append({"trials": n, "concurrency": concurrency, "wall_seconds": res["wall_seconds"], "per_trial_seconds": res["wall_seconds"] / n})
+    return {"rows": rows}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _plots(results: dict[str, Any]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    if "loop" in results:
+        med = results["loop"]["median_samples_per_second"]
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        names = list(med)
+        ax.bar(names, [med[n] for n in names], color=["grey"] + ["tab:blue"] * (len(names) - 1))
+        ax.set_ylabel("samples / s (median)")
+        ax.set_title("Training loop throughput on the tiny model (2 CPU cores)")
+        fig.tight_layout()
+        fig.savefig(RESULTS / "loop_throughput.png", dpi=110)
+        made.append("loop_throughput.png")
+    if "search" in results:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, color in (("staged", "tab:blue"), ("grid", "grey"), ("random", "tab:orange")):
+            xs, ys = results["search"][name]["curve"]
+            ax.step(xs, ys, where="post", label=f"{name} ({results['search'][name]['trials']} trials)", color=color)
+        ax.set_xlabel("training samples processed (cumulative)")
+        ax.set_ylabel("best eval_loss so far")
+        ax.set_title("Search efficiency: best-so-far against compute")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(RESULTS / "search_efficiency.png", dpi=110)
+        made.append("search_efficiency.png")
+    if "scaling" in results:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for c in (1, 2):
+            rows = [r for r in results["scaling"]["rows"] if r["concurrency"] == c]
+            ax.plot([r["trials"] for r in rows], [r["wall_seconds"] for r in rows], marker="o", label=f"concurrency {c}")
+        ax.set_xlabel("trials")
+        ax.set_ylabel("sweep wall time (s)")
+        ax.set_title("Sweep scaling on 2 CPU cores")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(RESULTS / "scaling.png", dpi=110)
+        made.append("scaling.png")
+    plt.close("all")
+    return made
+
+
+def _environment() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    mem = next((int(line.split()[1]) // 1024 // 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")), 0)
+    versions = {p: md.version(p) for p in ("torch", "transformers", "peft", "deepspeed", "ray", "optuna", "mlflow")}
+    return {"date": date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "python": platform.python_version(), "versions": versions}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and trials (a smoke run)")
+    parser.add_argument("--only", default="loop,overhead,search,scaling")
+    args = parser.parse_args()
+    parts = args.only.split(",")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    latest = RESULTS / "latest.json"
+    results: dict[str, Any] = json.loads(latest.read_text()) if latest.exists() else {}
+    results["environment"] = _environment()
+    tmp = Path(tempfile.mkdtemp(prefix="raytune_qvl-bench-"))
+    try:
+        if "loop" in parts:
+            print("loop efficiency ...", flush=True)
+            results["loop"] = bench_loop(repeats=1 if args.quick else 3, steps=40 if args.quick else 70, tmp=tmp)
+        if "overhead" in parts:
+            print("per-trial overhead ...", flush=True)
+            results["overhead"] = bench_overhead(tmp, trials=3 if args.quick else 5)
+        if "search" in parts:
+            print("search efficiency ...", flush=True)
+            results["search"] = bench_search(tmp)
+        if "scaling" in parts:
+            print("scaling ...", flush=True)
+            results["scaling"] = bench_scaling(tmp, [2, 4] if args.quick else [4, 8, 16])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary = {k: v for k, v in {
+        "loop_ratio_vs_plain": results.get("loop", {}).get("loop_ratio_vs_plain"),
+        "ray_loop_ratio_vs_plain": results.get("loop", {}).get("ray_loop_ratio_vs_plain"),
+        "trial_setup_seconds": results.get("overhead", {}).get("trial_setup_seconds"),
+        "data_prep_reuse_ratio": results.get("overhead", {}).get("data_prep_reuse_ratio"),
+        "sweep_best_gap_vs_grid": results.get("search", {}).get("sweep_best_gap_vs_grid"),
+        "sweep_samples_ratio_vs_grid": results.get("search", {}).get("sweep_samples_ratio_vs_grid"),
+    }.items()}
+    results.update(summary)
+    latest.write_text(json.dumps(results, indent=1, default=str))
+    plots = _plots(results)
+    from bench.report import write_benchmarks_md
+
+    write_benchmarks_md(results, plots)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
