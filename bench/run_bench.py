@@ -70,7 +70,10 @@ def bench_loop(repeats: int, steps: int, tmp: Path) -> dict[str, Any]:
                         f"output.dir={tmp / f'{name}-{i}'}", f"ray.storage_path={tmp / 'ray'}"])
             runs[name].append(statistics.median(_progress_speeds(out.stderr)))
     medians = {k: statistics.median(v) for k, v in runs.items()}
+    widths = "64,256" if repeats == 1 else "64,256,512,1024"
+    engine_ab = [json.loads(line) for line in _run(["-m", "bench.engine_ab", "--widths", widths, "--reps", str(max(3, repeats + 2))]).stdout.splitlines() if line.startswith("{")]
     return {
+        "engine_vs_plain_by_width": engine_ab,
         "runs": runs,
         "median_samples_per_second": medians,
         "loop_ratio_vs_plain": medians["zero2"] / medians["plain"],
