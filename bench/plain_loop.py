@@ -64,7 +64,7 @@ def main() -> None:
         if step == args.warmup:
             started = time.perf_counter()
         for _ in range(accum):
-            batch = {k: v for k, v in next(stream).items() if k != "index"}
+            batch = next(stream)
             loss = model(**batch).loss / accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)

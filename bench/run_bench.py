@@ -104,7 +104,7 @@ def _sweep(tmp: Path, name: str, env: dict | None = None, **changes: Any) -> dic
     _run(["-m", "raytune_qvl.sweep", str(_space_file(tmp, name, **changes)), "--overwrite"], timeout=5400, env=env)
     wall = time.perf_counter() - started
     state = json.loads((tmp / "sweeps" / name / "sweep_state.json").read_text())
-    trials = [t for t in state["trials"] if t["trial_id"] != "reused"]
+    trials = [t for t in state["trials"] if t["status"] != "reused"]
     return {"wall_seconds": wall, "trials": trials, "parent": state["parent_run_id"]}
 
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["ray_session", "is_multinode", "alive_nodes", "check_storage"]
+__all__ = ["ray_session", "alive_nodes", "check_storage"]
 
 log = logging.getLogger("raytune_qvl")
 
@@ -41,10 +41,6 @@ def alive_nodes() -> list[dict]:
     import ray
 
     return [node for node in ray.nodes() if node.get("Alive")]
-
-
-def is_multinode() -> bool:
-    return len(alive_nodes()) > 1
 
 
 def check_storage(storage_path: str, *, shared: bool, source: str, key: str) -> None:

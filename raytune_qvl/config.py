@@ -48,6 +48,7 @@ __all__ = [
     "pydantic_problems",
     "closest",
     "field_at",
+    "metric_reported",
 ]
 
 log = logging.getLogger("raytune_qvl")
@@ -80,6 +81,17 @@ REPORT_TO = ("mlflow", "none", "wandb", "tensorboard")
 def metric_mode(metric: str) -> Literal["min", "max"]:
     """'min' for losses and error rates, 'max' for similarities."""
     return EVAL_METRICS[metric]
+
+
+def metric_reported(metric: str, evaluation: "EvaluationConfig") -> str | None:
+    """Why the loop would not report `metric` under these evaluation settings (None: it does)."""
+    if metric == "eval_loss":
+        return None
+    if evaluation.generation_samples == 0:
+        return f"{metric} comes from generation eval: set evaluation.generation_samples > 0"
+    if evaluation.task != "auto" and metric not in TASK_METRICS[evaluation.task]:
+        return f"task {evaluation.task} reports {', '.join(('eval_loss',) + TASK_METRICS[evaluation.task])}"
+    return None
 
 
 class _Section(BaseModel):
@@ -533,10 +545,11 @@ def load_config(
     sources = _Sources(files, {".".join(p) for p, _ in cfg_overrides})
 
     # the DeepSpeed JSON: --deepspeed, else environment.deepspeed
-    env_ds = (tree.get("environment") or {}).get("deepspeed", EnvironmentConfig.model_fields["deepspeed"].default)
+    env_section = tree.get("environment") if isinstance(tree.get("environment"), dict) else {}
+    env_ds = env_section.get("deepspeed", EnvironmentConfig.model_fields["deepspeed"].default)
     ds_file = deepspeed_path if deepspeed_path is not None else env_ds
     ds_dict: dict[str, Any] = {}
-    if ds_file is not None and isinstance(ds_file, str | os.PathLike):
+    if isinstance(ds_file, str | os.PathLike):
         if deepspeed_path is not None:
             tree.setdefault("environment", {})
             if isinstance(tree["environment"], dict):
@@ -662,15 +675,10 @@ def validate_config(
                     f"contradicts {metric}, where {'higher' if EVAL_METRICS[metric] == 'max' else 'lower'} is better",
                     training.greater_is_better,
                 )
-            if evaluation is not None and metric != "eval_loss":
-                if evaluation.generation_samples == 0:
-                    add(["training", "metric_for_best_model"], f"{metric} needs generation eval: set evaluation.generation_samples > 0", metric)
-                elif evaluation.task != "auto" and metric not in TASK_METRICS[evaluation.task]:
-                    add(
-                        ["training", "metric_for_best_model"],
-                        f"task {evaluation.task} reports {', '.join(('eval_loss',) + TASK_METRICS[evaluation.task])}",
-                        metric,
-                    )
+            if evaluation is not None:
+                rule = metric_reported(metric, evaluation)
+                if rule:
+                    add(["training", "metric_for_best_model"], rule, metric)
         if training.logging_steps > training.eval_steps:
             add(["training", "logging_steps"], f"must be <= training.eval_steps ({training.eval_steps})", training.logging_steps)
 

@@ -194,7 +194,7 @@ def _normalise(obj: Any, system_prompt: str | None) -> tuple[list[dict[str, Any]
         raise obj
     if not isinstance(obj, dict):
         raise _Bad("not_an_object")
-    task = obj.get("task") if obj.get("task") in TASK_METRICS else None
+    task = obj.get("task") if isinstance(obj.get("task"), str) and obj["task"] in TASK_METRICS else None
     if "messages" in obj:
         messages = _turns(obj["messages"], "role", "content")
         images = _as_list(obj.get("images"), "images")
@@ -308,14 +308,19 @@ def _load_image(path: str) -> Any:
         raise _Bad("corrupt_image", f"{Path(path).name}: {exc}") from None
 
 
+def _check_aspect(width: int, height: int) -> None:
+    """The processor's smart_resize refuses more than 200:1 mid-training; refuse it here."""
+    if max(width, height) / max(1, min(width, height)) > 200:
+        raise _Bad("bad_aspect_ratio", f"{width}x{height}")
+
+
 def image_grid(processor: Any, size: tuple[int, int]) -> list[int]:
     """(t, h, w) patch grid the processor will produce for an image of size (width, height)."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
     ip = processor.image_processor
     width, height = size
-    if max(width, height) / max(1, min(width, height)) > 200:
-        raise _Bad("bad_aspect_ratio", f"{width}x{height}")
+    _check_aspect(width, height)
     h, w = smart_resize(
         height, width, factor=ip.patch_size * ip.merge_size, min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"]
     )
@@ -479,9 +484,7 @@ def prepare_split(path: str | os.PathLike, processor: Any | None, data: DataConf
         try:
             if processor is None:  # records and images only: no tokenizer to count with
                 for image in sample.images:
-                    width, height = _load_image(image).size
-                    if max(width, height) / max(1, min(width, height)) > 200:
-                        raise _Bad("bad_aspect_ratio", f"{width}x{height}")
+                    _check_aspect(*_load_image(image).size)
             else:
                 items.append(encode_sample(sample, processor, data.max_length))
             kept += 1
@@ -631,7 +634,6 @@ class TrainDataset:
         out: dict[str, Any] = {
             "input_ids": torch.tensor(item.input_ids, dtype=torch.long),
             "labels": torch.tensor(item.labels, dtype=torch.long),
-            "index": index,
         }
         if item.images:
             images = [_load_image(p) for p in item.images]

@@ -30,6 +30,9 @@ SCHEDULERS: dict[str, str | None] = {
     "constant": None,
 }
 _ADAM_TYPES = {"adam", "adamw"}
+# scheduler params the training config decides (checked for contradictions); the rest (warmup
+# type, minimum ratios) are the JSON's to choose when its scheduler kind matches
+_DECIDED_SCHEDULER_PARAMS = {"total_num_steps", "warmup_num_steps", "warmup_max_lr"}
 
 # nested "auto"s that depend on the model width (the Hugging Face integration's rules) and the
 # DeepSpeed defaults used when the width is unknown
@@ -145,6 +148,14 @@ def check_deepspeed(
 ) -> list[tuple[str, str, Any]]:
     """Contradictions between the JSON and the training config, as (key, rule, value)."""
     problems: list[tuple[str, str, Any]] = []
+    for section in ("bf16", "fp16", "optimizer", "scheduler", "zero_optimization"):
+        if section in ds and not isinstance(ds[section], Mapping):
+            problems.append((section, "must be a JSON object (e.g. {\"enabled\": true})" if section in ("bf16", "fp16") else "must be a JSON object", ds[section]))
+    for section in ("optimizer", "scheduler"):
+        if isinstance(ds.get(section), Mapping) and "params" in ds[section] and not isinstance(ds[section]["params"], Mapping):
+            problems.append((f"{section}.params", "must be a JSON object", ds[section]["params"]))
+    if problems:  # the checks below read inside these sections
+        return problems
     dictated = _dictated(training, env, world_size)
     for path, want in dictated.items():
         have = _get(ds, path)
@@ -226,11 +237,16 @@ def fill_deepspeed(
             notes.append(f"scheduler: {old.get('type')} removed, training.lr_scheduler_type is constant")
         out.pop("scheduler", None)
     else:
+        params = _scheduler_params(want_kind, training, total_steps, warmup)
         if old is not None and old.get("type") != want_kind:
             notes.append(
                 f"scheduler: {old.get('type')} replaced by {want_kind} to match training.lr_scheduler_type={training.lr_scheduler_type}"
             )
-        out["scheduler"] = {"type": want_kind, "params": _scheduler_params(want_kind, training, total_steps, warmup)}
+        elif old is not None:  # the same kind: what the user wrote (and is not ours to decide) stays
+            params.update({k: v for k, v in (old.get("params") or {}).items() if v != AUTO and k in params and k not in _DECIDED_SCHEDULER_PARAMS})
+        if training.warmup_ratio == 0:
+            notes.append("scheduler: DeepSpeed's warmup schedulers take at least one warmup step; warmup_ratio 0 gives 1")
+        out["scheduler"] = {"type": want_kind, "params": params}
 
     for path, (rule, default) in _WIDTH_RULES.items():
         if _get(out, path) == AUTO:

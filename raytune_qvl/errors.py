@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, NoReturn, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
-__all__ = ["Problem", "UserError", "ConfigError", "DataError", "run_cli", "fail"]
+__all__ = ["Problem", "UserError", "ConfigError", "DataError", "run_cli"]
 
 log = logging.getLogger("raytune_qvl")
 
@@ -57,10 +57,6 @@ class DataError(UserError):
     """The data cannot be trained on (too many bad records, nothing left, unreadable file)."""
 
     exit_code = EXIT_RUNTIME
-
-
-def fail(source: str, key: str, rule: str, value: Any = None, *, show_value: bool = True) -> NoReturn:
-    raise ConfigError([Problem(source, key, rule, value, show_value)])
 
 
 T = TypeVar("T")

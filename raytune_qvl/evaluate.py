@@ -20,6 +20,8 @@ PREDICTIONS_FILE = "predictions.json"
 
 
 def is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
+    if not math.isfinite(value):  # a NaN would otherwise become a best no value can beat
+        return False
     if best is None:
         return True
     return value > best if higher_is_better else value < best

@@ -92,7 +92,6 @@ def log_inputs(tracker: Any, run_id: str, cfg: Config, pre: Preflight) -> None:
     """Params (the flattened resolved config), resolved config files, the filled DeepSpeed
     JSON, the data audit (metrics + artifact) and the label-mask view."""
     from raytune_qvl.loop import write_resolved_configs
-    from raytune_qvl.tracking import write_temp
     from raytune_qvl.views import label_mask_html
 
     params = flatten({**cfg.training_dict(), **cfg.lora_dict()})
@@ -105,7 +104,7 @@ def log_inputs(tracker: Any, run_id: str, cfg: Config, pre: Preflight) -> None:
         "derived.lora_scale": cfg.lora.lora_alpha / cfg.lora.r,
     })
     tracker.log_params(run_id, params)
-    folder = write_temp([])
+    folder = Path(tempfile.mkdtemp(prefix="raytune_qvl-config-"))
     write_resolved_configs(cfg, pre.plan.deepspeed, folder)
     tracker.log_artifact(run_id, folder, "config")
     shutil.rmtree(folder, ignore_errors=True)
@@ -124,15 +123,20 @@ def log_audit(tracker: Any, run_id: str, pre: Preflight) -> None:
     tracker.log_text(run_id, "\n".join(a.format() for a in audits.values()) + "\n", "data/audit.txt")
 
 
-def log_outputs(tracker: Any, run_id: str, output_dir: Path, final_dir: Path | None = None, best_dir: Path | None = None) -> None:
+def log_outputs(tracker: Any, run_id: str, output_dir: Path) -> None:
     """The final adapter and, from the best checkpoint, the predictions table."""
+    final_dir = output_dir / FINAL_DIR
+    if final_dir.is_dir():
+        tracker.log_artifact(run_id, final_dir, "final")
+    log_predictions(tracker, run_id, output_dir / BEST_DIR)
+
+
+def log_predictions(tracker: Any, run_id: str, best_dir: Path) -> None:
+    """The eval samples at the best checkpoint (image, reference, prediction, error) as an
+    MLflow table and an HTML page, when generation eval made them."""
     from raytune_qvl.evaluate import PREDICTIONS_FILE
     from raytune_qvl.views import predictions_html
 
-    final_dir = final_dir or output_dir / FINAL_DIR
-    best_dir = best_dir or output_dir / BEST_DIR
-    if final_dir.is_dir():
-        tracker.log_artifact(run_id, final_dir, "final")
     predictions = best_dir / PREDICTIONS_FILE
     if predictions.is_file():
         data = json.loads(predictions.read_text())
@@ -220,7 +224,9 @@ def _check_output(cfg: Config, *, overwrite: bool) -> dict[str, Any]:
             [Problem(str(out), "output.dir", "holds a finished run; pass --overwrite to start over or choose another output.dir", show_value=False)]
         )
     ray_run = Path(cfg.ray.storage_path) / ray_run_name(cfg)
-    diverged = sorted(ray_run.glob(f"*/{DIVERGED_FILE}")) if "://" not in cfg.ray.storage_path else []
+    diverged = sorted((out / "checkpoints").glob(f"*/{DIVERGED_FILE}"))  # --no-ray runs
+    if "://" not in cfg.ray.storage_path:
+        diverged += sorted(ray_run.glob(f"*/{DIVERGED_FILE}"))
     if diverged:
         message = json.loads(diverged[-1].read_text()).get("message", "the loss diverged")
         raise ConfigError([Problem(str(out), "output.dir", f"this run diverged ({message}); change the config and pass --overwrite to start over", show_value=False)])
@@ -233,7 +239,10 @@ def _make_output(cfg: Config, *, overwrite: bool) -> None:
     if overwrite:
         for name in (FINAL_DIR, BEST_DIR, "checkpoints", RUN_FILE):
             target = out / name
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
         if "://" not in cfg.ray.storage_path:
             shutil.rmtree(Path(cfg.ray.storage_path) / ray_run_name(cfg), ignore_errors=True)
     make_dir(out, cfg.paths.training or "config", "output.dir")

@@ -25,7 +25,6 @@ from typing import Any, Iterator, Protocol
 import yaml
 
 from raytune_qvl.checkpoint import (
-    STATE_FILE,
     TrainState,
     latest_local_checkpoint,
     load_checkpoint,
@@ -82,7 +81,7 @@ class LocalReporter:
         self.resume_from = resume_from
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
-        if checkpoint is not None and (checkpoint / STATE_FILE).exists():  # not a divergence marker
+        if checkpoint is not None:  # a divergence marker is kept too: a rerun must not resume
             target = self.root / checkpoint.name
             if checkpoint.resolve() != target.resolve():
                 shutil.rmtree(target, ignore_errors=True)
@@ -112,8 +111,12 @@ def seed_everything(seed: int) -> None:
 
 def write_resolved_configs(cfg: Config, deepspeed: dict[str, Any], folder: Path) -> None:
     """The exact configs this run used, ready for `python -m raytune_qvl.train`."""
+    from raytune_qvl.tracking import redact
+
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "training_config.yaml").write_text(yaml.safe_dump(cfg.training_dict(), sort_keys=False))
+    training = cfg.training_dict()
+    training["output"]["tracking_uri"] = redact(training["output"]["tracking_uri"])  # no password in files MLflow stores
+    (folder / "training_config.yaml").write_text(yaml.safe_dump(training, sort_keys=False))
     (folder / "lora_config.yaml").write_text(yaml.safe_dump(cfg.lora_dict(), sort_keys=False))
     (folder / "ds_config.json").write_text(json.dumps(deepspeed, indent=2))
 
@@ -129,7 +132,7 @@ def _staging(name: str) -> Iterator[Path]:
 
 
 def _to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "index"}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -222,7 +225,10 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
     model = apply_lora(load_model(cfg, on_gpu=ctx.on_gpu), cfg.lora)
     if ctx.is_main:
         log.info(format_parts(trainable_by_part(model)))
-    ds_config, _ = device_config(plan.deepspeed, on_gpu=ctx.on_gpu)
+    ds_config, notes = device_config(plan.deepspeed, on_gpu=ctx.on_gpu)
+    if ctx.is_main:
+        for note in notes:
+            log.info("%s", note)
     engine = build_engine(model, ds_config)
     seed_everything(cfg.environment.seed + ctx.rank)  # dropout differs across workers, reproducibly
 
@@ -264,14 +270,15 @@ def train(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
     return run(setup(cfg, ctx, reporter, started_at))
 
 
-def _evaluate(s: Session) -> dict[str, Any]:
-    """Eval loss over the whole eval set; generation metrics at every N-th evaluation."""
+def _evaluate(s: Session, last: bool = False) -> dict[str, Any]:
+    """Eval loss over the whole eval set; generation metrics at every N-th evaluation and at the
+    last one (a sweep ranks trials by their final report)."""
     metrics: dict[str, Any] = {}
     if s.eval_dataset is None:
         return metrics
     metrics["eval_loss"] = evaluate_loss(s.engine, s.eval_dataset, s.collator, s.ctx, s.cfg.training.per_device_eval_batch_size)
     s.state.evals += 1
-    if s.generation is not None and (s.state.evals - 1) % s.cfg.evaluation.generation_every == 0:
+    if s.generation is not None and (last or (s.state.evals - 1) % s.cfg.evaluation.generation_every == 0):
         metrics.update(s.generation.run(s.engine, step=s.state.global_step))
     return metrics
 
@@ -388,7 +395,7 @@ def run(s: Session) -> dict[str, Any]:
                 window.update(loss=0.0, micro=0, tokens=0.0, start=time.perf_counter(), steps=0)
 
             if step % t.eval_steps == 0 or last:
-                metrics.update(_evaluate(s))
+                metrics.update(_evaluate(s, last=last))
                 value = metrics.get(metric_name)
                 if value is not None and is_better(value, state.best_metric, higher_better):
                     state.best_metric, state.best_step = value, step

@@ -32,7 +32,7 @@ def sweep_study(records: list[Any], mode: str) -> Any:
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-    scored = [r for r in records if r.value is not None and math.isfinite(r.value) and r.status != "failed"]
+    scored = [r for r in records if r.value is not None and math.isfinite(r.value) and r.status not in ("failed", "reused")]
     points = [(_param_values(r), r.value) for r in scored]
     names = sorted({k for p, _ in points for k in p})
     dists: dict[str, Any] = {}
@@ -61,7 +61,7 @@ def figures(space: Any, records: list[Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     stages = sorted({r.stage for r in records})
     colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(stages)}
-    trained = [r for r in records if r.trial_id != "reused"]
+    trained = [r for r in records if r.status != "reused"]
 
     # optimization history: every trial's value in launch order, best so far
     fig, ax = plt.subplots(figsize=(8, 4.5))

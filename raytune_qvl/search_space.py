@@ -10,18 +10,18 @@ ASHA, resources per trial, MLflow and storage. See search_spaces/ocr_doc.yaml.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from raytune_qvl import batch_math
 from raytune_qvl.config import (
     EVAL_METRICS,
-    TASK_METRICS,
     Config,
     apply_overrides,
     closest,
@@ -29,6 +29,7 @@ from raytune_qvl.config import (
     field_at,
     load_config,
     load_yaml,
+    metric_reported,
     pydantic_problems,
 )
 from raytune_qvl.errors import ConfigError, Problem
@@ -141,6 +142,11 @@ class SearchSpace(_Strict):
         return Path(self.output_dir) / self.name
 
     @property
+    def tune_storage(self) -> str:
+        """Where this sweep's Tune experiments (one per stage) and trial runs live."""
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+    @property
     def experiment(self) -> str:
         return self.mlflow.experiment or f"raytune_qvl-{self.name}"
 
@@ -220,7 +226,8 @@ def point_overrides(space: SearchSpace, base: Config, point: Mapping[str, Any], 
 
 
 def trial_config(space: SearchSpace, base: Config, point: Mapping[str, Any], lr_batch: int | None, trial_dir: str, eval_steps: int) -> Config:
-    """The full config of one trial, validated like any config."""
+    """The full config of one trial, re-validated by the schema (the values a parameter can
+    take were checked against the whole config when the search space was loaded)."""
     overrides = point_overrides(space, base, point, lr_batch)
     overrides.update(
         {
@@ -231,7 +238,7 @@ def trial_config(space: SearchSpace, base: Config, point: Mapping[str, Any], lr_
             "ray.resources_per_worker": _worker_resources(space),
             "ray.placement_strategy": space.resources.placement_strategy,
             "ray.shared_storage": space.shared_storage,
-            "ray.storage_path": space.storage_path if "://" in space.storage_path else str(Path(space.storage_path).absolute()),
+            "ray.storage_path": space.storage_path,
             "training.metric_for_best_model": space.metric,
             "training.greater_is_better": space.mode == "max",
             "training.eval_steps": eval_steps,
@@ -272,11 +279,12 @@ def _resolve(path: str | None, folder: Path) -> str | None:
     return str(beside.absolute()) if beside.exists() else str(Path(path).absolute())
 
 
-def load_search_space(path: str | os.PathLike, *, check_files: bool = True) -> tuple[SearchSpace, Config]:
+def load_search_space(path: str | os.PathLike, *, check_files: bool = True, raw: dict[str, Any] | None = None) -> tuple[SearchSpace, Config]:
     """The search space and its base config (files + starting-point overrides), validated
-    together: every problem found is reported at once."""
+    together: every problem found is reported at once. `raw`: the file's content, already
+    read (with command-line overrides applied)."""
     path = Path(path)
-    raw = load_yaml(path, "search-space file")
+    raw = dict(raw) if raw is not None else load_yaml(path, "search-space file")
     source = str(path)
     problems: list[Problem] = []
     for key in ("pruner", "optuna", "sampler"):
@@ -304,10 +312,14 @@ def load_search_space(path: str | os.PathLike, *, check_files: bool = True) -> t
             "storage_path": space.storage_path if "://" in space.storage_path else str(Path(space.storage_path).expanduser().absolute()),
         }
     )
-    overrides = [f"{k}={_yaml_value(v)}" for k, v in space.overrides.items()]
+    # the starting point, then what every trial runs on (workers, devices): the base config's
+    # plan and DeepSpeed checks then see a trial's world size, not the base file's
+    r = space.resources
+    trial_ray = {"ray.num_workers": r.workers_per_trial, "ray.use_gpu": r.use_gpu, "ray.resources_per_worker": _worker_resources(space)}
+    overrides = [f"{k}={json.dumps(v)}" for k, v in {**space.overrides, **trial_ray}.items()]
     base: Config | None = None
     try:
-        base = load_config(files.config, files.lora_config, files.deepspeed, overrides, check_files=check_files, world_size=space.resources.workers_per_trial)
+        base = load_config(files.config, files.lora_config, files.deepspeed, overrides, check_files=check_files, world_size=r.workers_per_trial)
     except ConfigError as exc:
         problems += [_in_overrides(p, source) for p in exc.problems]
     problems += _check_space(space, base, source)
@@ -315,12 +327,6 @@ def load_search_space(path: str | os.PathLike, *, check_files: bool = True) -> t
         raise ConfigError(problems)
     assert base is not None
     return space, base
-
-
-def _yaml_value(value: Any) -> str:
-    import json
-
-    return json.dumps(value) if not isinstance(value, str) else value
 
 
 def _in_overrides(problem: Problem, source: str) -> Problem:
@@ -417,11 +423,9 @@ def _check_space(space: SearchSpace, base: Config | None, source: str) -> list[P
     if base is None:
         return problems
     # the values each parameter takes must make a valid config, and batches must divide
-    if space.metric != "eval_loss":
-        if base.evaluation.generation_samples == 0:
-            add("metric", f"{space.metric} comes from generation eval: set evaluation.generation_samples > 0 in overrides", space.metric)
-        elif base.evaluation.task != "auto" and space.metric not in TASK_METRICS[base.evaluation.task]:
-            add("metric", f"task {base.evaluation.task} reports {', '.join(('eval_loss',) + TASK_METRICS[base.evaluation.task])}", space.metric)
+    rule = metric_reported(space.metric, base.evaluation)
+    if rule:
+        add("metric", rule, space.metric)
     micro = base.training.per_device_train_batch_size
     workers = space.resources.workers_per_trial
     for key, domain in space.parameters.items():
@@ -468,7 +472,3 @@ def eval_steps_for(space: SearchSpace, num_samples: int, effective_batch: int) -
     """Optimizer steps between evaluations: evals_per_epoch evaluations per epoch."""
     per_epoch = max(1, num_samples // effective_batch)
     return max(1, math.floor(per_epoch / space.evals_per_epoch))
-
-
-def shipped_space_files(root: str | os.PathLike) -> Sequence[Path]:
-    return sorted(Path(root).glob("*.yaml"))

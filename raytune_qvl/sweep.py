@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import signal
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -149,7 +148,7 @@ def dry_run(space: SearchSpace, base: Config) -> str:
         micro, workers = base.training.per_device_train_batch_size, r.workers_per_trial
         ref = starting_batch(base, space)
         lrs = space.parameters.get(LR_KEY)
-        lr_values = (lrs.values() or [lrs.low, lrs.high]) if lrs else [base.training.learning_rate]
+        lr_values = lrs.extremes() if lrs else [base.training.learning_rate]
         lines.append(f"  effective batch -> accumulation (micro {micro} x {workers} workers) and scaled learning rate (from batch {ref}):")
         for b in space.parameters[EFFECTIVE_BATCH].extremes():
             accum = batch_math.accumulation_for(int(b), micro, workers)
@@ -188,7 +187,7 @@ def _prepare_dir(space: SearchSpace, *, resume: bool, overwrite: bool) -> SweepS
     if overwrite:
         shutil.rmtree(space.sweep_dir, ignore_errors=True)
         if "://" not in space.storage_path:
-            shutil.rmtree(Path(space.storage_path) / space.name, ignore_errors=True)
+            shutil.rmtree(space.tune_storage, ignore_errors=True)
     if path.exists() and not overwrite:
         state = SweepState.load(path)
         if not resume:
@@ -199,6 +198,11 @@ def _prepare_dir(space: SearchSpace, *, resume: bool, overwrite: bool) -> SweepS
         return state
     if resume:
         raise ConfigError([Problem(str(space.sweep_dir), "--resume", "no sweep to resume here; run without --resume to start it", show_value=False)])
+    stale = Path(space.tune_storage)
+    if "://" not in space.storage_path and stale.exists() and any(stale.iterdir()):
+        raise ConfigError(
+            [Problem(space.source, "storage_path", f"{stale} already holds a sweep named {space.name!r} (another output_dir?): rename this one or pass --overwrite", show_value=False)]
+        )
     from raytune_qvl.launch import writable_dir_problem
 
     problem = writable_dir_problem(space.sweep_dir)
@@ -246,7 +250,8 @@ def run_sweep(space: SearchSpace, base: Config, *, resume: bool = False, overwri
 
     r = space.resources
     joining = bool(base.ray.address or os.environ.get("RAY_ADDRESS"))
-    planned = concurrency_for(space, os.cpu_count() or 1, _local_gpus() if r.use_gpu else 0)
+    # a local cluster is sized for the trials its cores hold; a joined one is what it is
+    planned = 1 if joining else concurrency_for(space, os.cpu_count() or 1, _local_gpus() if r.use_gpu else 0)
     per_trial = 1 + r.workers_per_trial * r.cpus_per_worker  # the trial's own process + its workers
     try:
         with ray_session(base.ray.address, min_cpus=int(math.ceil(planned * per_trial))):
@@ -259,7 +264,7 @@ def run_sweep(space: SearchSpace, base: Config, *, resume: bool = False, overwri
             else:
                 concurrency = planned
             log.info("sweep %s: %d trial(s) at a time", space.name, concurrency)
-            _run_stages(space, base, pre, state, state_path, tracker, parent, concurrency)
+            _run_stages(space, base, pre, state, state_path, tracker, parent, concurrency, resume)
     except BaseException as exc:
         if isinstance(exc, (KeyboardInterrupt, SweepInterrupted)):
             tracker.set_tags(parent, {"raytune_qvl.status": "interrupted"})
@@ -287,7 +292,9 @@ def _check_feasible(space: SearchSpace, base: Config, num_samples: int) -> None:
         )
 
 
-def _run_stages(space: SearchSpace, base: Config, pre: Any, state: SweepState, state_path: Path, tracker: Any, parent: str, concurrency: int) -> None:
+def _run_stages(
+    space: SearchSpace, base: Config, pre: Any, state: SweepState, state_path: Path, tracker: Any, parent: str, concurrency: int, resume: bool
+) -> None:
     """Each stage searches its parameters with the rest fixed at the best so far; the best of a
     stage (the incumbent included: a stage that finds nothing better keeps it) carries forward."""
     from raytune_qvl.tuner import TrialRecord
@@ -300,19 +307,20 @@ def _run_stages(space: SearchSpace, base: Config, pre: Any, state: SweepState, s
         if done.get("status") == "done":
             fixed.update(done["best"])
             lr_batch = int(fixed.get(EFFECTIVE_BATCH, lr_batch))
-            incumbent = next((TrialRecord(**t) for t in state.trials if t["trial_id"] == done["trial"]), incumbent)
+            incumbent = next((TrialRecord(**t) for t in state.trials if t["trial_id"] == done["trial"] and t["status"] != "reused"), incumbent)
             log.info("%s: already done (best %s = %s)", stage.label, space.metric, done.get("value"))
             continue
         held = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in fixed.items() if k not in stage.params)
         print(f"\n=== {stage.label}: {stage.trials} trials over {', '.join(stage.params)} (fixed: {held})", flush=True)
+        restore = resume and done.get("status") == "running"  # continue its Tune experiment
         state.stages[stage.label] = {"status": "running"}
         state.save(state_path)
-        outcome = _run_stage(space, base, pre, stage, fixed, lr_batch, state, concurrency, tracker, parent)
+        outcome = _run_stage(space, base, pre, stage, fixed, lr_batch, state, concurrency, tracker, parent, restore, incumbent)
         state.trials = [t for t in state.trials if t["stage"] != stage.label] + [asdict(rec) for rec in outcome.records]
         state.save(state_path)
         if outcome.interrupted:
             raise KeyboardInterrupt
-        best = _best_record(space, outcome.records + ([incumbent] if incumbent else []), space.mode)
+        best = _best_record(outcome.records + ([incumbent] if incumbent else []), space.mode)
         if best is None:
             raise UserError([f"{stage.label}: every trial failed; see the failed runs' raytune_qvl.reason in MLflow"])
         if best is not incumbent:
@@ -341,15 +349,32 @@ def _resolved_point(space: SearchSpace, fixed: dict[str, Any], record: Any) -> d
     return {k: point[k] for k in space.parameters if k in point}
 
 
-def _best_record(space: SearchSpace, records: list[Any], mode: str) -> Any:
-    """The best value; a trial trained to the end beats one ASHA stopped at the same value."""
+def _rank(records: list[Any], mode: str) -> list[Any]:
+    """Scored records, best first; a trial trained to the end beats one ASHA stopped at the
+    same value."""
     scored = [r for r in records if r.value is not None and math.isfinite(r.value) and r.status != "failed"]
-    if not scored:
-        return None
-    return sorted(scored, key=lambda r: ((r.value if mode == "min" else -r.value), r.status != "completed"))[0]
+    return sorted(scored, key=lambda r: ((r.value if mode == "min" else -r.value), r.status != "completed"))
 
 
-def _run_stage(space: SearchSpace, base: Config, pre: Any, stage: Stage, fixed: dict[str, Any], lr_batch: int, state: SweepState, concurrency: int, tracker: Any, parent: str) -> Any:
+def _best_record(records: list[Any], mode: str) -> Any:
+    ranked = _rank(records, mode)
+    return ranked[0] if ranked else None
+
+
+def _run_stage(
+    space: SearchSpace,
+    base: Config,
+    pre: Any,
+    stage: Stage,
+    fixed: dict[str, Any],
+    lr_batch: int,
+    state: SweepState,
+    concurrency: int,
+    tracker: Any,
+    parent: str,
+    restore: bool,
+    incumbent: Any,
+) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -360,20 +385,22 @@ def _run_stage(space: SearchSpace, base: Config, pre: Any, stage: Stage, fixed: 
     from raytune_qvl.trial import run_trial
     from raytune_qvl.tuner import PointResolver, SweepTracking, UniqueSearch, optuna_space, point_key
 
-    storage = _tune_storage(space)
-    experiment = f"{storage.rstrip('/')}/{stage.label}"
+    storage = space.tune_storage
+    experiment = f"{storage}/{stage.label}"
     resolver = PointResolver(space.model_dump(mode="json"), base.model_dump(mode="json"), {k: v for k, v in fixed.items() if k not in stage.params}, lr_batch)
-    known = {point_key(t["overrides"]): t["value"] for t in state.trials if t["status"] != "failed"}
+    # configurations trained in earlier stages: key -> (value, the trial that trained it)
+    known = {point_key(t["overrides"]): (t["value"], t["trial_id"]) for t in state.trials if t["status"] not in ("failed", "reused")}
     context = {
         "space": resolver.space, "base": resolver.base, "fixed": resolver.fixed, "lr_batch": lr_batch,
         "num_samples": len(pre.train.items), "sweep_dir": str(space.sweep_dir.absolute()),
     }
     trainable = tune.with_parameters(run_trial, context=context)
-    callbacks = [SweepTracking(tracker.uri, space.experiment, parent, stage.label, resolver, space.metric)]
 
-    if tune.Tuner.can_restore(experiment):
+    if restore and tune.Tuner.can_restore(experiment):
+        # the searcher (with its Optuna study) and the MLflow callback come back from the experiment
         tuner = tune.Tuner.restore(experiment, trainable=tune.with_resources(trainable, {"CPU": 1}), resume_unfinished=True, resume_errored=False, restart_errored=False)
     else:
+        callbacks = [SweepTracking(tracker.uri, space.experiment, parent, stage.label, resolver, space.metric, str(space.sweep_dir))]
         from raytune_qvl.tuner import build_tuner
 
         study_db = (space.sweep_dir / "optuna.db").absolute()
@@ -392,7 +419,7 @@ def _run_stage(space: SearchSpace, base: Config, pre: Any, stage: Stage, fixed: 
             ),
             resolver,
             stage.params,
-            known,
+            {key: value for key, (value, _) in known.items()},
             seed=space.seed + stage.index,
         )
         max_t = _max_budget(space, base, stage, fixed, len(pre.train.items))
@@ -407,15 +434,17 @@ def _run_stage(space: SearchSpace, base: Config, pre: Any, stage: Stage, fixed: 
     handler = _InterruptWatch()
     results = handler.run(tuner.fit)
     records = _records(stage, results, resolver)
-    # points of earlier stages this stage would have proposed: reused, not retrained
+    # points of this stage's space trained in an earlier stage count as its candidates without
+    # being trained again (the incumbent is already a candidate of every stage)
+    from raytune_qvl.tuner import StageOutcome, TrialRecord
+
+    skip = {point_key(r.overrides) for r in records} | ({point_key(incumbent.overrides)} if incumbent else set())
     for sampled in grid(stage.params) or []:
         key = point_key(resolver.overrides(sampled))
-        if key in known and known[key] is not None and not any(point_key(r.overrides) == key for r in records):
-            from raytune_qvl.tuner import TrialRecord
-
-            records.append(TrialRecord("reused", stage.label, dict(sampled), resolver.overrides(sampled), known[key], "reused", point=resolver.point(sampled)))
-    from raytune_qvl.tuner import StageOutcome
-
+        value, trial_id = known.get(key, (None, None))
+        if value is not None and key not in skip:
+            skip.add(key)
+            records.append(TrialRecord(trial_id, stage.label, dict(sampled), resolver.overrides(sampled), value, "reused", point=resolver.point(sampled)))
     return StageOutcome(stage.label, records, interrupted=handler.interrupted or _unfinished(results))
 
 
@@ -498,11 +527,6 @@ def _max_budget(space: SearchSpace, base: Config, stage: Stage, fixed: dict[str,
     return top if space.asha.time_attr == "epoch" else top * num_samples
 
 
-def _tune_storage(space: SearchSpace) -> str:
-    root = space.storage_path if "://" in space.storage_path else str(Path(space.storage_path).absolute())
-    return f"{root.rstrip('/')}/{space.name}"
-
-
 # ----------------------------------------------------------------------------- the end
 
 
@@ -513,8 +537,7 @@ def _trial_records(state: SweepState) -> list[Any]:
 
 
 def _ranked(space: SearchSpace, state: SweepState) -> list[Any]:
-    records = [r for r in _trial_records(state) if r.value is not None and r.status != "failed" and r.trial_id != "reused"]
-    return sorted(records, key=lambda r: ((r.value if space.mode == "min" else -r.value), r.status != "completed"))
+    return _rank([r for r in _trial_records(state) if r.status != "reused"], space.mode)
 
 
 def _prune_checkpoints(space: SearchSpace, state: SweepState) -> None:
@@ -523,10 +546,10 @@ def _prune_checkpoints(space: SearchSpace, state: SweepState) -> None:
     from raytune_qvl.trial import train_storage
 
     ranked = _ranked(space, state)
-    keep = {r.trial_id for r in ranked[: space.keep_best_adapters]}
+    keep = {r.trial_id for r in ranked[: max(1, space.keep_best_adapters)]}  # best/ copies the best one's
     storage = train_storage(space)
     for rec in _trial_records(state):
-        if rec.trial_id == "reused":
+        if rec.status == "reused":
             continue
         if "://" not in storage:
             for ckpt in (Path(storage) / rec.trial_id).glob("checkpoint-*"):
@@ -541,17 +564,22 @@ def _finish(space: SearchSpace, base: Config, state: SweepState, tracker: Any, p
     from raytune_qvl.plots import log_sweep_plots
 
     ranked = _ranked(space, state)
-    _prune_checkpoints(space, state)
     if not ranked:
         tracker.set_tags(parent, {"raytune_qvl.status": "failed", "raytune_qvl.reason": "no trial produced a metric"})
         tracker.end(parent, "FAILED")
         raise UserError(["every trial failed; see the child runs' raytune_qvl.reason in MLflow"])
     best = ranked[0]
     best_dir = _write_best(space, base, state, best)
-    counts = {s: sum(1 for t in state.trials if t["status"] == s and t["trial_id"] != "reused") for s in ("completed", "stopped", "failed")}
+    _prune_checkpoints(space, state)
+    counts = {s: sum(1 for t in state.trials if t["status"] == s) for s in ("completed", "stopped", "failed")}
     tracker.log_metrics(parent, {f"best_{space.metric}": best.value, "trials_completed": counts["completed"], "trials_stopped": counts["stopped"], "trials_failed": counts["failed"]}, step=len(state.stages) + 1)
     tracker.log_params(parent, {f"best.{k}": v for k, v in best.overrides.items()} | {"best.trial": best.trial_id})
     tracker.log_artifact(parent, best_dir, "best")
+    best_trial = space.sweep_dir / "trials" / best.trial_id / "best"
+    if best_trial.is_dir():
+        from raytune_qvl.launch import log_predictions
+
+        log_predictions(tracker, parent, best_trial)
     tracker.log_dict(parent, {"stages": state.stages, "trials": state.trials}, "sweep_summary.json")
     try:
         log_sweep_plots(tracker, parent, space, state)
@@ -607,9 +635,13 @@ def _write_best(space: SearchSpace, base: Config, state: SweepState, best: Any) 
     )
     (tmp / "command.txt").write_text(command + "\n")
     (tmp / "best.json").write_text(json.dumps({"trial": best.trial_id, "stage": best.stage, "metric": space.metric, "value": best.value, "overrides": best.overrides}, indent=2))
-    adapter = space.sweep_dir / "trials" / best.trial_id / "final"
-    if adapter.is_dir():
+    trial = space.sweep_dir / "trials" / best.trial_id
+    # the trained adapter; for a trial ASHA stopped, the one at its best evaluation
+    adapter = next((d for d in (trial / "final", trial / "best") if (d / "adapter_config.json").is_file()), None)
+    if adapter is not None:
         shutil.copytree(adapter, tmp / "adapter")
+    else:
+        log.warning("trial %s left no adapter (its output folder is on another node?); best/ holds its configs only", best.trial_id)
     shutil.rmtree(best_dir, ignore_errors=True)
     tmp.rename(best_dir)
     return best_dir
@@ -619,21 +651,26 @@ def _write_best(space: SearchSpace, base: Config, state: SweepState, best: Any) 
 
 
 def _load(path: str, overrides: Sequence[str], *, check_files: bool = True) -> tuple[SearchSpace, Config]:
+    """The search-space file with `key=value` overrides applied to its YAML before validation."""
     if not overrides:
         return load_search_space(path, check_files=check_files)
     from raytune_qvl.config import load_yaml
 
     raw = load_yaml(path, "search-space file")
-    apply_overrides(raw, [parse_override(o) if "." in o.split("=", 1)[0] else ([o.split("=", 1)[0]], yaml.safe_load(o.split("=", 1)[1])) for o in overrides])
-    folder = Path(path).parent
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=folder, prefix=f".{Path(path).stem}-", delete=False) as f:
-        yaml.safe_dump(raw, f, sort_keys=False)
-        tmp = f.name
-    try:
-        space, base = load_search_space(tmp, check_files=check_files)
-    finally:
-        os.unlink(tmp)
-    return space.model_copy(update={"source": str(path)}), base
+    apply_overrides(raw, [_parse_space_override(o) for o in overrides])
+    return load_search_space(path, check_files=check_files, raw=raw)
+
+
+def _parse_space_override(text: str) -> tuple[list[str], Any]:
+    """`resources.max_concurrent_trials=2` or a top-level `strategy=joint`."""
+    from raytune_qvl.config import parse_yaml_text
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError([Problem("command line", text, "an override is key=value, e.g. resources.max_concurrent_trials=2", show_value=False)])
+    if "." in key:
+        return parse_override(text)
+    return [key.strip()], parse_yaml_text(value, f"command line {text!r}") if value.strip() else None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -22,9 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from raytune_qvl.config import DEFAULT_PROMPTS, TASKS
 
-__all__ = ["TASKS", "PROMPTS", "Example", "generate", "write_dataset", "text_corpus", "main"]
+__all__ = ["TASKS", "Example", "generate", "write_dataset", "text_corpus", "main"]
 
-PROMPTS = DEFAULT_PROMPTS
 FORMATS = ("raytune", "llamafactory", "qwen")
 
 _WORDS = (
@@ -80,7 +79,7 @@ def _render_doc(text: str, rng: random.Random) -> Image.Image:
 
 def _doc(rng: random.Random) -> Example:
     text = _doc_text(rng)
-    return Example(_render_doc(text, rng), PROMPTS["ocr_doc"], text, "ocr_doc")
+    return Example(_render_doc(text, rng), DEFAULT_PROMPTS["ocr_doc"], text, "ocr_doc")
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -201,7 +200,7 @@ def _formula(rng: random.Random) -> Example:
     margin = rng.randint(4, 10)
     img = Image.new("RGB", (width + 2 * margin, ascent + descent + 2 * margin), _BG)
     draw_fn(ImageDraw.Draw(img), margin, margin + ascent)
-    return Example(img, PROMPTS["ocr_formula"], to_latex(tree), "ocr_formula")
+    return Example(img, DEFAULT_PROMPTS["ocr_formula"], to_latex(tree), "ocr_formula")
 
 
 # ----------------------------------------------------------------------------- visual QA

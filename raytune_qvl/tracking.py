@@ -8,10 +8,9 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = ["default_tracking_uri", "redact", "Tracker", "TAG_STAGE", "TAG_STATUS", "TAG_REASON"]
@@ -156,14 +155,3 @@ class Tracker:
     def runs(self, filter_string: str = "") -> list[Any]:
         return self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=10_000)
 
-    def metric_history(self, run_id: str, key: str) -> list[Any]:
-        return self.client.get_metric_history(run_id, key)
-
-
-def write_temp(files: Iterable[tuple[str, str]]) -> Path:
-    """Write (name, text) pairs into a fresh temporary folder (for log_artifact)."""
-    folder = Path(tempfile.mkdtemp(prefix="raytune_qvl-art-"))
-    for name, text in files:
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(text)
-    return folder

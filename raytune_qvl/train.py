@@ -12,6 +12,7 @@ checkpoint; `--resume PATH` starts from a given checkpoint folder instead.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Sequence
 
@@ -43,13 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_from_args(args: argparse.Namespace) -> Config:
-    extra = []
-    if args.address is not None:
-        extra.append(f"ray.address={args.address}")
-    if args.tracking_uri is not None:
-        extra.append(f"output.tracking_uri={args.tracking_uri}")
-    if args.experiment is not None:
-        extra.append(f"output.experiment_name={args.experiment}")
+    # quoted, so a value like "2024" or "on" stays the string it was given
+    extra = [
+        f"{key}={json.dumps(value)}"
+        for key, value in (("ray.address", args.address), ("output.tracking_uri", args.tracking_uri), ("output.experiment_name", args.experiment))
+        if value is not None
+    ]
     return load_config(args.config, args.lora_config, args.deepspeed, [*args.overrides, *extra])
 
 

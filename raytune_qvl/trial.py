@@ -19,8 +19,7 @@ def trial_dir(sweep_dir: str, trial_id: str) -> str:
 
 def train_storage(space: Any) -> str:
     """Where the trials' Ray Train runs (and their checkpoints) live."""
-    root = space.storage_path if "://" in space.storage_path else str(Path(space.storage_path).absolute())
-    return f"{root.rstrip('/')}/{space.name}/trials"
+    return f"{space.tune_storage}/trials"
 
 
 def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:

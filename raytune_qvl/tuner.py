@@ -8,6 +8,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -47,10 +48,19 @@ class PointResolver:
     def point(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
         return {**self.fixed, **sampled}
 
+    @cached_property
+    def _space(self) -> SearchSpace:
+        return SearchSpace.model_validate(self.space)
+
+    @cached_property
+    def _base(self) -> Config:
+        return Config.model_validate(self.base)
+
     def overrides(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
-        space = SearchSpace.model_validate(self.space)
-        base = Config.model_validate(self.base)
-        return point_overrides(space, base, self.point(sampled), self.lr_batch)
+        return point_overrides(self._space, self._base, self.point(sampled), self.lr_batch)
+
+    def __getstate__(self) -> dict[str, Any]:  # the cached objects are rebuilt where it lands
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
     def describe(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
         """What MLflow shows for a trial: the sampled values and the derived ones."""
@@ -92,7 +102,6 @@ class UniqueSearch(Searcher):
         self.grid = grid(params)
         self.ids: dict[str, str] = {}  # Tune trial id -> Optuna-side id
         self.keys: dict[str, tuple] = {}
-        self.reused: list[tuple[dict[str, Any], float | None]] = []  # earlier stages' points proposed again
         self.rng = random.Random(seed)
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
@@ -117,11 +126,9 @@ class UniqueSearch(Searcher):
             if params is None or params == Searcher.FINISHED:
                 return params
             key = point_key(self.resolver.overrides(params))
-            if key in self.known:
+            if key in self.known:  # trained already: Optuna learns its result, nothing is trained
                 value = self.known[key]
                 self.inner.on_trial_complete(internal, result={self.metric: value} if value is not None else None)
-                if value is not None and not any(point_key(self.resolver.overrides(p)) == key for p, _ in self.reused):
-                    self.reused.append((params, value))
                 continue
             self.known[key] = None
             self.ids[trial_id], self.keys[trial_id] = internal, key
@@ -167,9 +174,10 @@ class SweepTracking(Callback):
     """MLflow from the Tune driver: a child run per trial under the sweep's parent run; every
     report as metrics; status completed | stopped (by ASHA, with the budget reached) | failed."""
 
-    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, stage: str, resolver: PointResolver, metric: str):
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, stage: str, resolver: PointResolver, metric: str, sweep_dir: str):
         self.tracking_uri, self.experiment = tracking_uri, experiment
         self.parent_run_id, self.stage, self.resolver, self.metric = parent_run_id, stage, resolver, metric
+        self.sweep_dir = sweep_dir
         self.runs: dict[str, str] = {}
         self._tracker: Tracker | None = None
 
@@ -222,6 +230,12 @@ class SweepTracking(Callback):
             tags["raytune_qvl.budget_epoch"] = f"{last.get('epoch', 0):.3f}"
             tags["raytune_qvl.budget_samples"] = str(last.get("samples_seen", 0))
         self.tracker.set_tags(run_id, tags)
+        try:  # the predictions at the trial's best evaluation (its folder is on rank 0's node)
+            from raytune_qvl.launch import log_predictions
+
+            log_predictions(self.tracker, run_id, Path(self.sweep_dir) / "trials" / trial.trial_id / "best")
+        except Exception as exc:  # noqa: BLE001 - a missing view must not fail the sweep
+            log.warning("predictions of trial %s not logged: %s", trial.trial_id, exc)
         self.tracker.end(run_id, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -253,7 +267,7 @@ class TrialRecord:
     sampled: dict[str, Any]
     overrides: dict[str, Any]
     value: float | None
-    status: str  # completed | stopped | failed | reused
+    status: str  # completed | stopped | failed | reused (trained in an earlier stage: trial_id is that trial)
     reason: str = ""
     epoch: float = 0.0
     samples_seen: int = 0
@@ -287,7 +301,6 @@ def build_tuner(
             num_samples=stage.trials,
             metric=space.metric,
             mode=space.mode,
-            max_concurrent_trials=concurrency,
         ),
         run_config=tune.RunConfig(
             name=stage.label,

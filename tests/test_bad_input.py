@@ -89,6 +89,8 @@ CASES: list[tuple[str, Case, int, list[str]]] = [
     ("space_mode", lambda t: _space(t, mode="max"), 2, ["mode", "must be min"]),
     ("space_empty", lambda t: ["raytune_qvl.sweep", str(_file(t, "space.yaml", "\n"))], 2, ["search-space file is empty"]),
     ("space_base_missing", lambda t: _space(t, base={"config": str(t / "nope.yaml")}), 2, ["nope.yaml", "training config not found"]),
+    ("space_override_without_value", lambda t: [*_space(t), "strategy"], 2, ["an override is key=value"]),
+    ("space_override_typo", lambda t: [*_space(t), "resources.max_concurrent_trial=2"], 2, ["resources.max_concurrent_trial", "did you mean 'resources.max_concurrent_trials'"]),
     ("data_truncated_jsonl", lambda t: _data(t, [GOOD] * 4 + ['{"image": "ok.png", "ans', '{"image": "ok']), 1, ["33.3% of records are bad", "2 invalid_json (lines 5, 6)", "max_bad_fraction"]),
     ("data_missing_images", lambda t: _data(t, [json.dumps({"image": f"gone{i}.png", "answer": "x"}) for i in range(3)]), 1, ["no usable records", "3 missing_image"]),
     ("data_corrupt_images", lambda t: (_file(t / "data", "bad.png", b"\x89PNG broken") if (t / "data").mkdir() is None else None, _data(t, [json.dumps({"image": "bad.png", "answer": "x"})] * 2))[1], 1, ["2 corrupt_image"]),

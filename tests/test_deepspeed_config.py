@@ -121,3 +121,14 @@ print("OK", type(sched).__name__, engine.zero_optimization_stage())
     assert result.returncode == 0, result.stderr[-3000:]
     stage = json.loads(path.read_text())["zero_optimization"]["stage"]
     assert f"OK WarmupCosineLR {stage}" in result.stdout
+
+
+def test_matching_scheduler_keeps_the_json_choices() -> None:
+    """When the JSON's scheduler is already the right kind, its own choices (not the training
+    config's) survive: here a floor for the cosine decay and a log warm-up."""
+    ds = {
+        "scheduler": {"type": "WarmupCosineLR", "params": {"cos_min_ratio": 0.1, "warmup_type": "log", "total_num_steps": "auto", "warmup_num_steps": "auto"}},
+    }
+    params = fill_deepspeed(ds, TRAINING, ENV, world_size=1, total_steps=100).config["scheduler"]["params"]
+    assert params["cos_min_ratio"] == 0.1 and params["warmup_type"] == "log"
+    assert params["total_num_steps"] == 100 and params["warmup_num_steps"] == 5

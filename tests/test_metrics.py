@@ -70,3 +70,12 @@ def test_corpus_scores_are_micro_averaged() -> None:
     assert corpus_scores("general_vqa", [("red", "red")])["eval_anls"] == 1.0
     assert sample_error("general_vqa", "red", "red") == 0.0 and sample_error("ocr_doc", "ab", "xy") == 1.0
     assert corpus_scores("ocr_doc", []) == {}
+
+
+def test_nan_is_never_the_best() -> None:
+    from raytune_qvl.evaluate import is_better
+
+    assert is_better(0.5, None, higher_is_better=False)
+    assert not is_better(float("nan"), None, higher_is_better=False)
+    assert not is_better(float("nan"), 0.9, higher_is_better=True)
+    assert is_better(0.4, 0.5, higher_is_better=False) and not is_better(0.4, 0.5, higher_is_better=True)

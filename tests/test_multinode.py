@@ -55,7 +55,7 @@ def test_trial_workers_span_two_nodes(two_nodes, tiny_assets: Path, tmp_path: Pa
     result = run_cli("raytune_qvl.sweep", str(_space(tmp_path)), "--address", two_nodes.address, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     state = json.loads((tmp_path / "sweeps" / "multi" / "sweep_state.json").read_text())
-    (trial,) = [t for t in state["trials"] if t["trial_id"] != "reused"]
+    (trial,) = [t for t in state["trials"] if t["status"] != "reused"]
     assert trial["status"] == "completed"
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("multi").experiment_id])

@@ -104,7 +104,7 @@ def test_staged_sweep_with_a_failure_an_interrupt_and_a_resume(tiny_assets: Path
 
     state = json.loads(state_path.read_text())
     assert state["finished"] is True
-    trials = [t for t in state["trials"] if t["trial_id"] != "reused"]
+    trials = [t for t in state["trials"] if t["status"] != "reused"]
     assert len(trials) == PLANNED, [t["trial_id"] for t in trials]
     assert len({t["trial_id"] for t in trials}) == PLANNED
     keys = {json.dumps(t["overrides"], sort_keys=True) for t in trials}

@@ -269,3 +269,40 @@ def test_nan_loss_stops_the_run_naming_the_step(tiny_config, ray_cluster, tiny_a
     assert run.info.status == "FAILED"
     assert run.data.tags["raytune_qvl.status"] == "failed" and "optimizer step 1" in run.data.tags["raytune_qvl.reason"]
     assert not (Path(cfg.output.dir) / "final").exists()
+
+
+def test_resume_from_an_explicit_checkpoint(tiny_assets: Path, tmp_path: Path) -> None:
+    """`--resume PATH` starts a new run from another run's checkpoint."""
+    from conftest import run_cli
+
+    common = ["raytune_qvl.train", "--config", str(TINY_TRAIN), "--lora_config", str(TINY_LORA), "--deepspeed", str(ZERO2), "--no-ray",
+              "training.max_steps=16", "training.save_steps=8", "training.eval_steps=8", "evaluation.generation_samples=0",
+              f"output.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    first = run_cli(*common, f"output.dir={tmp_path / 'a'}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    checkpoint = tmp_path / "a" / "checkpoints" / "checkpoint-000008"
+    assert checkpoint.is_dir()
+    second = run_cli(*common, f"output.dir={tmp_path / 'b'}", "--resume", str(checkpoint))
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "at step 8" in second.stderr
+    steps = [int(line.split()[1].split("/")[0]) for line in second.stderr.splitlines() if line.startswith("step ")]
+    assert steps[0] == 9 and steps[-1] == 16  # it began after the checkpoint's step
+
+
+def test_concurrent_runs_on_one_node_do_not_collide(tiny_assets: Path, tmp_path: Path) -> None:
+    """Two training commands at once, each with its own local Ray cluster and process group."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "raytune_qvl.train", "--config", str(TINY_TRAIN), "--lora_config", str(TINY_LORA), "--deepspeed", str(ZERO2),
+             "ray.num_workers=1", "training.max_steps=8", "evaluation.generation_samples=0",
+             f"output.dir={tmp_path / name}", f"ray.storage_path={tmp_path / ('ray-' + name)}", f"output.tracking_uri=sqlite:///{tmp_path / (name + '.db')}"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for name in ("one", "two")
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-3000:]
+    for name in ("one", "two"):
+        assert json.loads((tmp_path / name / "final" / "training_complete.json").read_text())["step"] == 8
