@@ -60,6 +60,10 @@ system-deps:
 		echo "not root: the browser and PostgreSQL tests need chromium, chromium-driver and postgresql installed"; \
 	fi
 
+# benchmarks against plain baselines (~1 hour on 2 cores): bench/results/latest.json, BENCHMARKS.md
+bench: assets
+	$(PY) -m bench.run_bench
+
 lint: $(STAMP)
 	$(PY) -m ruff check raytune_qvl tests bench
 

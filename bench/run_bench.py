@@ -272,7 +272,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and trials (a smoke run)")
     parser.add_argument("--only", default="loop,overhead,search,scaling")
+    parser.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md and the plots from latest.json")
     args = parser.parse_args()
+    if args.report_only:
+        from bench.report import write_benchmarks_md
+
+        results = json.loads((RESULTS / "latest.json").read_text())
+        write_benchmarks_md(results, _plots(results))
+        return
     parts = args.only.split(",")
     RESULTS.mkdir(parents=True, exist_ok=True)
     latest = RESULTS / "latest.json"

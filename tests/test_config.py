@@ -109,7 +109,7 @@ BAD_CONFIGS = [
     (None, ["deepspeed.zero_optimization.mystery=auto"], ["zero_optimization.mystery", "no rule fills"]),
     (None, ["deepspeed.bf16=true"], ["bf16", "must be a JSON object"]),
     (None, ["deepspeed.optimizer=AdamW"], ["optimizer", "must be a JSON object"]),
-    (None, ["environment=3"], ["environment", "must be a mapping"]),
+    ("environment: 3\n", [], ["environment", "must be a mapping"]),
     ("training:\n  learning_rate: 2e-4\n  learning_rate: 1e-4\n", [], ["duplicate key 'learning_rate'"]),
     ("training:\n  learning_rate: [\n", [], ["invalid YAML"]),
     ("", [], ["training config is empty"]),
