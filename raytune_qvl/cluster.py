@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["ray_session", "alive_nodes", "check_storage"]
+__all__ = ["ray_session", "alive_nodes", "check_storage", "job_working_dir", "check_outputs_outside_job_dir"]
 
 log = logging.getLogger("raytune_qvl")
 
@@ -96,3 +96,41 @@ def _nodes_missing(storage_path: str, nodes: list[dict]) -> list[str]:
         return [name for name, ref in checks.items() if not ray.get(ref, timeout=60)]
     finally:
         probe.unlink(missing_ok=True)
+
+
+def job_working_dir() -> Path | None:
+    """The folder a `ray job submit --working-dir` entrypoint runs in: Ray's unpacked copy of
+    the working directory, deleted when the job ends. None outside such a job."""
+    cwd = Path.cwd()
+    return cwd if "runtime_resources" in cwd.parts and any(part.startswith("working_dir_files") for part in cwd.parts) else None
+
+
+def check_outputs_outside_job_dir(outputs: list[tuple[str, str, str | None]]) -> None:
+    """In a Ray job, refuse outputs that resolve inside its temporary working directory: the
+    adapters, checkpoints and MLflow store would vanish with the job. `outputs` holds
+    (source, key, path or URI) triples; URIs other than file:// and sqlite:// are remote."""
+    from raytune_qvl.errors import ConfigError, Problem
+
+    work = job_working_dir()
+    if work is None:
+        return
+    problems = []
+    for source, key, target in outputs:
+        if not target:
+            continue
+        if target.startswith("sqlite:///"):
+            target = target[len("sqlite:///"):]
+        elif target.startswith("file://"):
+            target = target[len("file://"):]
+        elif "://" in target:
+            continue
+        path = Path(target).absolute()
+        if path == work or work in path.parents:
+            problems.append(Problem(
+                source, key,
+                f"{path} lies in this Ray job's temporary working directory, deleted when the job ends: "
+                "give an absolute path every node can reach (e.g. /shared/...)",
+                show_value=False,
+            ))
+    if problems:
+        raise ConfigError(problems)

@@ -249,6 +249,7 @@ def _make_output(cfg: Config, *, overwrite: bool) -> None:
 
 
 def run_training(cfg: Config, *, resume: str | None = None, use_ray: bool = True, overwrite: bool = False) -> TrainResult:
+    from raytune_qvl.cluster import check_outputs_outside_job_dir
     from raytune_qvl.tracking import default_tracking_uri
 
     launched = time.time()
@@ -256,8 +257,10 @@ def run_training(cfg: Config, *, resume: str | None = None, use_ray: bool = True
         cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"num_workers": 1})})
     if resume is not None and not Path(resume).is_dir():
         raise ConfigError([Problem("command line", "--resume", "checkpoint folder not found", resume)])
-    record = _check_output(cfg, overwrite=overwrite)
     uri = default_tracking_uri(cfg.output.tracking_uri) if cfg.output.report_to != "none" else None
+    source = cfg.paths.training or "config"
+    check_outputs_outside_job_dir([(source, "output.dir", cfg.output.dir), (source, "ray.storage_path", cfg.ray.storage_path), (source, "output.tracking_uri", uri)])
+    record = _check_output(cfg, overwrite=overwrite)
     if uri:
         check_tracking_server(uri)  # before any data work or worker
     pre = preflight(cfg)

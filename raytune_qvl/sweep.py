@@ -25,13 +25,14 @@ from typing import Any, Sequence
 import yaml
 
 from raytune_qvl import batch_math, runtime
-from raytune_qvl.config import Config, apply_overrides, parse_override
+from raytune_qvl.config import Config, apply_overrides
 from raytune_qvl.errors import ConfigError, Problem, UserError, run_cli
 from raytune_qvl.search_space import (
     EFFECTIVE_BATCH,
     EPOCHS_KEY,
     LR_FACTOR,
     LR_KEY,
+    Domain,
     RANK_KEY,
     SearchSpace,
     Stage,
@@ -217,9 +218,16 @@ def run_sweep(space: SearchSpace, base: Config, *, resume: bool = False, overwri
 
     from raytune_qvl.launch import check_tracking_server, make_dir
 
+    from raytune_qvl.cluster import check_outputs_outside_job_dir
+
+    uri = default_tracking_uri(space.mlflow.tracking_uri)
+    check_outputs_outside_job_dir([
+        (space.source, "output_dir", str(space.sweep_dir)),
+        (space.source, "storage_path", space.storage_path),
+        (space.source, "mlflow.tracking_uri", uri),
+    ])
     state = _prepare_dir(space, resume=resume, overwrite=overwrite)
     state_path = _state_path(space)
-    uri = default_tracking_uri(space.mlflow.tracking_uri)
     check_tracking_server(uri)  # before any data work or trial
     prep_started = time.perf_counter()
     pre = preflight(base)  # once per sweep: the trials read the prepared data from the cache
@@ -661,16 +669,27 @@ def _load(path: str, overrides: Sequence[str], *, check_files: bool = True) -> t
     return load_search_space(path, check_files=check_files, raw=raw)
 
 
+# Mappings of the search-space file keyed by dotted config keys ("training.learning_rate").
+_DOTTED_MAPPINGS = ("overrides", "parameters", "trials_per_stage")
+_DOMAIN_FIELDS = frozenset(Domain.model_fields)
+
+
 def _parse_space_override(text: str) -> tuple[list[str], Any]:
-    """`resources.max_concurrent_trials=2` or a top-level `strategy=joint`."""
+    """`resources.max_concurrent_trials=2`, a top-level `strategy=joint`, or an entry of a mapping
+    keyed by config keys: `overrides.data.train_path=/shared/train.jsonl`,
+    `parameters.training.learning_rate.high=1e-3`, `trials_per_stage.lora.r=4`."""
     from raytune_qvl.config import parse_yaml_text
 
     key, sep, value = text.partition("=")
-    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+    parts = key.strip().split(".")
+    if not sep or not key.strip() or any(not part for part in parts):
         raise ConfigError([Problem("command line", text, "an override is key=value, e.g. resources.max_concurrent_trials=2", show_value=False)])
-    if "." in key:
-        return parse_override(text)
-    return [key.strip()], parse_yaml_text(value, f"command line {text!r}") if value.strip() else None
+    parsed = parse_yaml_text(value, f"command line {text!r}") if value.strip() else None
+    if parts[0] in _DOTTED_MAPPINGS and len(parts) > 1:
+        if parts[0] == "parameters" and len(parts) > 2 and parts[-1] in _DOMAIN_FIELDS:
+            return ["parameters", ".".join(parts[1:-1]), parts[-1]], parsed
+        return [parts[0], ".".join(parts[1:])], parsed
+    return parts, parsed
 
 
 def main(argv: Sequence[str] | None = None) -> None:

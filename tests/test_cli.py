@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from conftest import TINY_LORA, TINY_TRAIN, ZERO2, ZERO3, run_cli
+from conftest import ROOT, TINY_LORA, TINY_TRAIN, ZERO2, ZERO3, run_cli
 
 DRY = ("raytune_qvl.train", "--config", str(TINY_TRAIN), "--lora_config", str(TINY_LORA), "--deepspeed", str(ZERO2), "--dry-run")
 
@@ -53,3 +53,19 @@ def test_data_audit_cli(tiny_assets: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "256 records, 256 kept, 0 dropped" in result.stdout
     assert "text p50" in result.stdout and "image p50" in result.stdout
+
+
+def test_train_in_a_ray_jobs_temporary_folder_refuses_relative_outputs(tiny_assets: Path, tmp_path: Path) -> None:
+    """Under `ray job submit --working-dir`, the entrypoint runs in an unpacked copy Ray deletes
+    when the job ends: outputs resolving there are refused before anything is written."""
+    job_dir = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    job_dir.mkdir(parents=True)
+    assets = ROOT / ".assets"
+    paths = [f"model.name={assets / 'tiny-qwen25vl'}", f"data.train_path={assets / 'data/ocr_doc/train.jsonl'}",
+             f"data.eval_path={assets / 'data/ocr_doc/eval.jsonl'}"]
+    args = ["raytune_qvl.train", "--config", str(TINY_TRAIN), "--lora_config", str(TINY_LORA), "--deepspeed", str(ZERO2), *paths]
+    result = run_cli(*args, "output.dir=./out", f"ray.storage_path={tmp_path / 'ray'}", "output.tracking_uri=postgresql://u:pw@db/mlflow", cwd=job_dir)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "output.dir:" in result.stderr and "temporary working directory" in result.stderr and "Traceback" not in result.stderr
+    assert "ray.storage_path" not in result.stderr and "tracking_uri" not in result.stderr  # absolute / remote are fine
+    assert list(job_dir.iterdir()) == []

@@ -117,3 +117,24 @@ def test_sweep_dry_run(tiny_assets: Path) -> None:
     assert "concurrent trials: 2" in out
     bad = run_cli("raytune_qvl.sweep", str(SPACES / "tiny_cpu.yaml"), "--dry-run", "stratgy=joint")
     assert bad.returncode == 2 and "did you mean 'strategy'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_command_line_overrides_reach_dotted_mappings(tiny_assets: Path, in_root: Path) -> None:
+    from raytune_qvl.sweep import _load
+
+    overrides = [
+        "overrides.training.learning_rate=5e-4",
+        "parameters.training.learning_rate.choices=[1e-3, 2e-3]",
+        "trials_per_stage.lora.r=2",
+        "resources.max_concurrent_trials=1",
+        "strategy=staged",
+    ]
+    space, base = _load(str(SPACES / "tiny_cpu.yaml"), overrides)
+    assert space.overrides["training.learning_rate"] == pytest.approx(5e-4)
+    assert base.training.learning_rate == pytest.approx(5e-4)
+    assert space.parameters["training.learning_rate"].choices == [1e-3, 2e-3]
+    assert space.trials_per_stage["lora.r"] == 2
+    assert space.resources.max_concurrent_trials == 1
+    with pytest.raises(ConfigError) as info:
+        _load(str(SPACES / "tiny_cpu.yaml"), ["overrides.data.train_path=/nonexistent/train.jsonl"])
+    assert "overrides.data.train_path" in str(info.value) and "not found" in str(info.value)
