@@ -61,8 +61,9 @@ system-deps:
 	fi
 
 # benchmarks against plain baselines (~1 hour on 2 cores): bench/results/latest.json, BENCHMARKS.md
+# (BENCH_ARGS=--quick: a smoke run with fewer repeats and trials)
 bench: assets
-	$(PY) -m bench.run_bench
+	$(PY) -m bench.run_bench $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check raytune_qvl tests bench
