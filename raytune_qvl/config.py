@@ -187,16 +187,6 @@ class EvaluationConfig(_Section):
     label_mask_samples: int = Field(3, ge=0)  # samples rendered in the label-mask view
 
 
-class TrainingFile(_Section):
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    training: TrainingConfig = TrainingConfig()
-    output: OutputConfig = OutputConfig()
-    environment: EnvironmentConfig = EnvironmentConfig()
-    ray: RayConfig = RayConfig()
-    evaluation: EvaluationConfig = EvaluationConfig()
-
-
 # ----------------------------------------------------------------------------- LoRA YAML
 
 
@@ -219,10 +209,6 @@ class LoraConfig(_Section):
     modules_to_save: list[str] | None = None  # trained in full and saved with the adapter
     task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
     vision_lora: VisionLoraConfig = VisionLoraConfig()
-
-
-class LoraFile(_Section):
-    lora: LoraConfig = LoraConfig()
 
 
 # ----------------------------------------------------------------------------- the whole config
@@ -264,7 +250,9 @@ class Config(BaseModel):
         return {"lora": self.lora.model_dump()}
 
 
-TRAINING_SECTIONS = tuple(TrainingFile.model_fields)
+# the training YAML's sections, in the seed's order; the LoRA YAML holds `lora`
+TRAINING_SECTIONS = ("model", "data", "training", "output", "environment", "ray", "evaluation")
+assert set(TRAINING_SECTIONS) | {"lora", "deepspeed", "paths"} == set(Config.model_fields)
 SECTIONS = TRAINING_SECTIONS + ("lora", "deepspeed")
 
 # ----------------------------------------------------------------------------- file loading

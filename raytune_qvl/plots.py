@@ -79,9 +79,7 @@ def figures(space: Any, records: list[Any]) -> dict[str, Any]:
     for i in failed:  # no value to plot: mark the trial on the axis instead
         ax.axvline(i, color="grey", linestyle=":", linewidth=1)
         ax.annotate("failed", (i, 1), xycoords=("data", "axes fraction"), ha="center", va="top", fontsize=7, color="grey")
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    ax.legend(unique.values(), unique.keys(), fontsize=8)
+    _legend_once(ax)
     ax.set_xlabel("trial (launch order); triangles: stopped by ASHA")
     ax.set_ylabel(space.metric)
     ax.set_title(f"{space.name}: optimization history")
@@ -93,9 +91,7 @@ def figures(space: Any, records: list[Any]) -> dict[str, Any]:
         rows = [h for h in r.history if h.get(space.metric) is not None and not (isinstance(h.get(space.metric), float) and math.isnan(h[space.metric]))]
         if rows:
             ax.plot([h.get("samples_seen", 0) for h in rows], [h[space.metric] for h in rows], color=colors[r.stage], linestyle="-" if r.status == "completed" else "--", alpha=0.8, label=r.stage)
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    ax.legend(unique.values(), unique.keys(), fontsize=8)
+    _legend_once(ax)
     ax.set_xlabel("training samples seen (dashed: stopped by ASHA)")
     ax.set_ylabel(space.metric)
     ax.set_title(f"{space.name}: learning curves of every trial")
@@ -164,3 +160,10 @@ def log_sweep_plots(tracker: Any, run_id: str, space: Any, state: Any) -> None:
         tracker.log_figure(run_id, fig, name)
         plt.close(fig)
     tracker.log_text(run_id, _html_report(space, records), "plots/sweep_report.html")
+
+
+def _legend_once(ax) -> None:
+    """A legend with one entry per label (each trial's line carries its stage's label)."""
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=8)

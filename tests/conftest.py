@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -96,6 +99,25 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int 
     """A raytune_qvl CLI in a subprocess, as a user runs it."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    """Poll `url` until it answers 200, or kill `proc` and fail with its output."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(url, timeout=2).status == 200:
+                return
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"{what} did not start: " + (proc.stdout.read() if proc.stdout else ""))
 
 
 def copy_data(src: Path, dst: Path) -> Path:

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port, wait_for_http
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -24,32 +22,17 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def ui_server(cer_sweep: Path):
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
         pytest.skip("Chromium/chromedriver missing: `make test` installs Debian's chromium and chromium-driver when run as root")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "raytune_qvl.ui", "--tracking_uri", f"sqlite:///{cer_sweep / 'mlflow.db'}", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("the MLflow UI did not start: " + (proc.stdout.read() if proc.stdout else ""))
+    wait_for_http(url + "/health", proc, "the MLflow UI")
     yield url
     proc.terminate()
     try:

@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,17 +19,11 @@ import psutil
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, free_port, run_cli
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RayStartCluster:
@@ -40,7 +33,7 @@ class RayStartCluster:
 
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="rtq", dir="/tmp"))  # short: Ray's socket paths
-        self.port, self.dashboard_port = _free_port(), _free_port()
+        self.port, self.dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}

@@ -8,24 +8,15 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_LORA, TINY_TRAIN, ZERO2, run_cli
+from conftest import TINY_LORA, TINY_TRAIN, ZERO2, free_port, run_cli, wait_for_http
 
 PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_postgres(*cmd: str) -> list[str]:
@@ -47,7 +38,7 @@ def postgres():
         shutil.chown(root, "postgres")
         shutil.chown(data, "postgres")
         shutil.chown(sock, "postgres")
-    port = _free_port()
+    port = free_port()
     subprocess.run(_as_postgres(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"), check=True, capture_output=True)
     subprocess.run(
         _as_postgres(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-o",
@@ -66,20 +57,11 @@ def postgres():
 def tracking_server(postgres: str, tmp_path: Path):
     from raytune_qvl.ui import server_command, server_env
 
-    port = _free_port()
+    port = free_port()
     cmd = server_command(postgres, "127.0.0.1", port) + ["--artifacts-destination", str(tmp_path / "artifacts")]
     proc = subprocess.Popen(cmd, env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start: " + (proc.stdout.read() if proc.stdout else ""))
+    wait_for_http(url + "/health", proc, "mlflow server")
     yield url
     os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn child
     proc.wait(timeout=30)
