@@ -30,11 +30,32 @@ def ray_session(address: str | None, *, min_cpus: int = 1, min_gpus: int = 0) ->
         ray.init(address=address, **kwargs)
     else:
         cpus = max(os.cpu_count() or 1, min_cpus)
-        ray.init(num_cpus=cpus, num_gpus=min_gpus or None, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        # One machine has no node drains to watch for; Ray Train's preemption watcher would only
+        # print a core-worker error line for every run. The cluster's processes inherit this.
+        with _env(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")):
+            ray.init(
+                num_cpus=cpus, num_gpus=min_gpus or None, include_dashboard=True, dashboard_host="127.0.0.1",
+                runtime_env={"worker_process_setup_hook": "raytune_qvl.runtime.quiet_ray_worker"}, **kwargs,
+            )
     try:
         yield
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Environment variables set for the block, then restored."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def alive_nodes() -> list[dict]:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["quiet_libraries", "has_gpu_hint", "setup_logging"]
+__all__ = ["quiet_libraries", "quiet_ray_worker", "has_gpu_hint", "setup_logging"]
 
 
 def has_gpu_hint() -> bool:
@@ -25,6 +25,17 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # DeepSpeed JIT-compiles ops (~1 min each) into this cache; keep it across runs and trials
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+
+
+# Ray's own messages from its processes that a normal run prints and nobody acts on
+_ROUTINE_RAY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)  # "controller is dead. Cleaning up"
+
+
+def quiet_ray_worker() -> None:
+    """The worker_process_setup_hook of the local clusters raytune_qvl starts: Ray's routine
+    per-run messages (a finished run's placement group cleaned up) stay out of the progress view."""
+    for name in _ROUTINE_RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class _Format(logging.Formatter):
