@@ -125,31 +125,45 @@ def copy_data(src: Path, dst: Path) -> Path:
     return dst
 
 
+def tiny_space(folder: Path, name: str = "tiny_cpu", config_overrides: dict | None = None, **changes) -> Path:
+    """search_spaces/tiny_cpu.yaml as folder/<name>.yaml, named `name`: base configs absolute,
+    Ray storage, sweeps and MLflow store under `folder`, then `changes` to its top-level keys and
+    `config_overrides` added to its `overrides`."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "search_spaces" / "tiny_cpu.yaml").read_text())
+    raw["base"] = {k: str(ROOT / v) for k, v in raw["base"].items()}
+    raw.update(
+        name=name,
+        storage_path=str(folder / "ray"),
+        output_dir=str(folder / "sweeps"),
+        mlflow={"tracking_uri": f"sqlite:///{folder / 'mlflow.db'}"},
+    )
+    raw.update(changes)
+    raw["overrides"].update(config_overrides or {})
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
 @pytest.fixture(scope="session")
 def cer_sweep(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small joint sweep (2 trials, metric eval_cer) with its MLflow store, run once and
     shared by the evaluation and browser tests. Returns its folder."""
-    import yaml
-
     tmp_path = tmp_path_factory.mktemp("cer_sweep")
-    raw = yaml.safe_load((ROOT / "search_spaces" / "tiny_cpu.yaml").read_text())
-    raw["base"] = {k: str(ROOT / v) for k, v in raw["base"].items()}
-    raw.update(
-        name="cer",
+    path = tiny_space(
+        tmp_path,
+        "cer",
+        config_overrides={"training.num_epochs": 1, "evaluation.generation_every": 1, "evaluation.generation_samples": 4},
         strategy="joint",
         joint_trials=2,
         metric="eval_cer",
         mode="min",
         parameters={"training.learning_rate": {"choices": [6.0e-4, 3.0e-3]}, "lora.r": {"choices": [8, 16]}},
         trials_per_stage=2,
-        storage_path=str(tmp_path / "ray"),
-        output_dir=str(tmp_path / "sweeps"),
         mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "cer"},
         resources={"workers_per_trial": 1, "max_concurrent_trials": 2},
     )
-    raw["overrides"].update({"training.num_epochs": 1, "evaluation.generation_every": 1, "evaluation.generation_samples": 4})
-    path = tmp_path / "cer.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     result = run_cli("raytune_qvl.sweep", str(path), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return tmp_path

@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import yaml
 
-from conftest import ROOT, TINY_LORA, TINY_TRAIN, ZERO2, run_cli
+from conftest import ROOT, TINY_LORA, TINY_TRAIN, ZERO2, run_cli, tiny_space
 
 pytestmark = pytest.mark.bad_input
 
@@ -39,11 +38,7 @@ def _ds(tmp: Path, text: str) -> list[str]:
 
 
 def _space(tmp: Path, **changes) -> list[str]:
-    raw = yaml.safe_load((ROOT / "search_spaces" / "tiny_cpu.yaml").read_text())
-    raw["base"] = {k: str(ROOT / v) for k, v in raw["base"].items()}
-    raw.update(storage_path=str(tmp / "ray"), output_dir=str(tmp / "sweeps"), mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"})
-    raw.update(changes)
-    return ["raytune_qvl.sweep", str(_file(tmp, "space.yaml", yaml.safe_dump(raw, sort_keys=False)))]
+    return ["raytune_qvl.sweep", str(tiny_space(tmp, **changes))]
 
 
 def _data(tmp: Path, lines: list[str] | bytes, *extra: str, name: str = "train.jsonl") -> list[str]:

@@ -8,25 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import ROOT, run_cli
+from conftest import run_cli, tiny_space
 
 pytestmark = pytest.mark.faults
 
 
-def _space(tmp_path: Path, **changes) -> Path:
-    raw = yaml.safe_load((ROOT / "search_spaces" / "tiny_cpu.yaml").read_text())
-    raw["base"] = {k: str(ROOT / v) for k, v in raw["base"].items()}
-    raw.update(storage_path=str(tmp_path / "ray"), output_dir=str(tmp_path / "sweeps"), mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
-    raw.update(changes)
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
-
-
 def test_unreachable_tracking_server_stops_the_sweep_before_any_trial(tiny_assets: Path, tmp_path: Path) -> None:
-    space = _space(tmp_path, mlflow={"tracking_uri": "http://127.0.0.1:9", "experiment": "x"})
+    space = tiny_space(tmp_path, mlflow={"tracking_uri": "http://127.0.0.1:9", "experiment": "x"})
     started = time.perf_counter()
     result = run_cli("raytune_qvl.sweep", str(space))
     assert result.returncode == 2, result.stderr[-2000:]
@@ -37,7 +26,7 @@ def test_unreachable_tracking_server_stops_the_sweep_before_any_trial(tiny_asset
 
 def test_unwritable_output_stops_the_sweep(tiny_assets: Path, tmp_path: Path) -> None:
     (tmp_path / "blocker").write_text("a file where a folder should be")
-    space = _space(tmp_path, output_dir=str(tmp_path / "blocker" / "sweeps"))
+    space = tiny_space(tmp_path, output_dir=str(tmp_path / "blocker" / "sweeps"))
     result = run_cli("raytune_qvl.sweep", str(space))
     assert result.returncode == 2
     assert "output_dir" in result.stderr and "is a file, not a folder" in result.stderr and "Traceback" not in result.stderr

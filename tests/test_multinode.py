@@ -17,9 +17,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
-from conftest import ROOT, free_port, run_cli
+from conftest import ROOT, free_port, run_cli, tiny_space
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
@@ -83,10 +82,8 @@ def two_nodes():
 
 def _space(tmp_path: Path, **changes) -> Path:
     """A one-trial sweep with every path absolute, as a job on a cluster needs."""
-    raw = yaml.safe_load((ROOT / "search_spaces" / "tiny_cpu.yaml").read_text())
-    raw["base"] = {k: str(ROOT / v) for k, v in raw["base"].items()}
-    raw.update(
-        name="multi",
+    assets = ROOT / ".assets"
+    settings = dict(
         strategy="joint",
         joint_trials=1,
         parameters={"training.learning_rate": {"choices": [1.5e-3]}},
@@ -94,21 +91,15 @@ def _space(tmp_path: Path, **changes) -> Path:
         resources={"workers_per_trial": 2, "cpus_per_worker": 1, "placement_strategy": "STRICT_SPREAD"},
         storage_path=str(tmp_path / "shared"),
         shared_storage=True,
-        output_dir=str(tmp_path / "sweeps"),
         mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "multi"},
     )
-    assets = ROOT / ".assets"
-    raw["overrides"].update({
+    return tiny_space(tmp_path, "multi", config_overrides={
         "training.num_epochs": 1, "training.per_device_train_batch_size": 4, "training.gradient_accumulation_steps": 2,
         "evaluation.generation_samples": 2,
         "model.name": str(assets / "tiny-qwen25vl"),
         "data.train_path": str(assets / "data" / "ocr_doc" / "train.jsonl"),
         "data.eval_path": str(assets / "data" / "ocr_doc" / "eval.jsonl"),
-    })
-    raw.update(changes)
-    path = tmp_path / "multi.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+    }, **{**settings, **changes})
 
 
 def _submit(cluster: RayStartCluster, *args: str) -> subprocess.CompletedProcess:
