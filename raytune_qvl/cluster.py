@@ -131,6 +131,7 @@ def check_outputs_outside_job_dir(outputs: list[tuple[str, str, str | None]]) ->
     adapters, checkpoints and MLflow store would vanish with the job. `outputs` holds
     (source, key, path or URI) triples; URIs other than file:// and sqlite:// are remote."""
     from raytune_qvl.errors import ConfigError, Problem
+    from raytune_qvl.tracking import local_store_path
 
     work = job_working_dir()
     if work is None:
@@ -139,13 +140,10 @@ def check_outputs_outside_job_dir(outputs: list[tuple[str, str, str | None]]) ->
     for source, key, target in outputs:
         if not target:
             continue
-        if target.startswith("sqlite:///"):
-            target = target[len("sqlite:///"):]
-        elif target.startswith("file://"):
-            target = target[len("file://"):]
-        elif "://" in target:
+        local = local_store_path(target) or (None if "://" in target else Path(target))
+        if local is None:
             continue
-        path = Path(target).absolute()
+        path = local.absolute()
         if path == work or work in path.parents:
             problems.append(Problem(
                 source, key,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["default_tracking_uri", "redact", "Tracker", "TAG_STAGE", "TAG_STATUS", "TAG_REASON"]
+__all__ = ["default_tracking_uri", "local_store_path", "redact", "Tracker", "TAG_STAGE", "TAG_STATUS", "TAG_REASON"]
 
 log = logging.getLogger("raytune_qvl")
 
@@ -35,6 +35,15 @@ def default_tracking_uri(configured: str | None) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{Path(uri[len('sqlite:///'):]).absolute()}"
     return uri
+
+
+def local_store_path(uri: str) -> Path | None:
+    """The file or folder behind a local store URI (sqlite:///..., file://...), None for a server
+    or another database."""
+    for prefix in ("sqlite:///", "file://"):
+        if uri.startswith(prefix):
+            return Path(uri[len(prefix):])
+    return None
 
 
 def redact(value: Any) -> Any:

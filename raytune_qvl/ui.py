@@ -43,7 +43,7 @@ def server_env() -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from raytune_qvl.tracking import default_tracking_uri, redact
+    from raytune_qvl.tracking import default_tracking_uri, local_store_path, redact
 
     parser = argparse.ArgumentParser(prog="python -m raytune_qvl.ui", description="Open the MLflow UI on the project's tracking store.")
     parser.add_argument("--tracking_uri", default=None, help="default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         uri = default_tracking_uri(args.tracking_uri)
         if uri.startswith(("http://", "https://")):
             raise ConfigError([Problem("command line", "--tracking_uri", f"{redact(uri)} is already a tracking server: open it in a browser", show_value=False)])
-        if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
+        if uri.startswith("sqlite:///") and not local_store_path(uri).exists():
             raise ConfigError([Problem("command line", "--tracking_uri", f"no MLflow store at {uri}: run a training or a sweep first, or pass --tracking_uri", show_value=False)])
         if args.host not in LOOPBACK:
             log.warning("binding the MLflow UI to %s: anyone who reaches this machine on port %d can read and change your runs", args.host, args.port)
