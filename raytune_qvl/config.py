@@ -250,9 +250,8 @@ class Config(BaseModel):
         return {"lora": self.lora.model_dump()}
 
 
-# the training YAML's sections, in the seed's order; the LoRA YAML holds `lora`
-TRAINING_SECTIONS = ("model", "data", "training", "output", "environment", "ray", "evaluation")
-assert set(TRAINING_SECTIONS) | {"lora", "deepspeed", "paths"} == set(Config.model_fields)
+# the training YAML's sections, in the seed's order: all but the LoRA YAML's, the DeepSpeed JSON and the file paths
+TRAINING_SECTIONS = tuple(name for name in Config.model_fields if name not in ("lora", "deepspeed", "paths"))
 SECTIONS = TRAINING_SECTIONS + ("lora", "deepspeed")
 
 # ----------------------------------------------------------------------------- file loading
