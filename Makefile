@@ -26,10 +26,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-$(ASSETS)/tiny-qwen25vl/config.json: $(STAMP) raytune_qvl/tiny.py
+$(ASSETS)/tiny-qwen25vl/config.json: $(STAMP) raytune_qvl/assets/tiny.py
 	$(PY) -m raytune_qvl.tiny $(ASSETS)/tiny-qwen25vl
 
-$(ASSETS)/data/ocr_doc/train.jsonl: $(STAMP) raytune_qvl/synth.py
+$(ASSETS)/data/ocr_doc/train.jsonl: $(STAMP) raytune_qvl/assets/synth.py
 	$(PY) -m raytune_qvl.synth $(ASSETS)/data/ocr_doc --task ocr_doc --train 256 --eval 32 --seed 0
 
 assets: $(ASSETS)/tiny-qwen25vl/config.json $(ASSETS)/data/ocr_doc/train.jsonl
@@ -67,6 +67,7 @@ bench: assets
 
 lint: $(STAMP)
 	$(PY) -m ruff check raytune_qvl tests bench
+	$(PY) -m ruff format --check raytune_qvl tests bench
 
 test: assets lint system-deps
 	$(PY) -m pytest

@@ -21,32 +21,60 @@ def measure(width: int, reps: int, steps: int) -> dict:
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from raytune_qvl.config import EnvironmentConfig, LoraConfig, TrainingConfig
-    from raytune_qvl.deepspeed_config import fill_deepspeed
-    from raytune_qvl.engine import build_engine, device_config
-    from raytune_qvl.lora import apply_lora
+    from raytune_qvl.config.schema import EnvironmentConfig, LoraConfig, TrainingConfig
+    from raytune_qvl.config.deepspeed import fill_deepspeed
+    from raytune_qvl.train.engine import build_engine, device_config
+    from raytune_qvl.train.lora import apply_lora
 
     micro, accum, seq = 4, 2, 96
     heads = max(4, width // 64)
     head_dim = width // heads
     config = Qwen2_5_VLConfig(
-        text_config={"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 2, "num_attention_heads": heads,
-                     "num_key_value_heads": 2, "vocab_size": 1024,
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]}},
-        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": width, "fullatt_block_indexes": [1]},
-        image_token_id=1023, video_token_id=1022, vision_start_token_id=1021, vision_end_token_id=1020,
+        text_config={
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
+            "num_hidden_layers": 2,
+            "num_attention_heads": heads,
+            "num_key_value_heads": 2,
+            "vocab_size": 1024,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16],
+            },
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": width,
+            "fullatt_block_indexes": [1],
+        },
+        image_token_id=1023,
+        video_token_id=1022,
+        vision_start_token_id=1021,
+        vision_end_token_id=1020,
     )
 
     def build():
         torch.manual_seed(0)
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
+        model = Qwen2_5_VLForConditionalGeneration._from_config(
+            config, attn_implementation="sdpa", dtype=torch.bfloat16
+        )
         model.config.use_cache = False
         return apply_lora(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05))
 
     filled = fill_deepspeed(
-        {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True}},
+        {
+            "bf16": {"enabled": True},
+            "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
+        },
         TrainingConfig(per_device_train_batch_size=micro, gradient_accumulation_steps=accum, learning_rate=1e-3),
-        EnvironmentConfig(), world_size=1, total_steps=1000, hidden_size=width,
+        EnvironmentConfig(),
+        world_size=1,
+        total_steps=1000,
+        hidden_size=width,
     ).config
     engine = build_engine(build(), device_config(filled, on_gpu=False)[0])
     plain = build().to(torch.bfloat16)
@@ -81,8 +109,13 @@ def measure(width: int, reps: int, steps: int) -> dict:
                 fn()
             speeds[name].append(steps * micro * accum / (time.perf_counter() - started))
     med = {k: statistics.median(v) for k, v in speeds.items()}
-    return {"width": width, "lora_tensors": len(params), "engine": round(med["engine"], 1), "plain": round(med["plain"], 1),
-            "ratio": round(med["engine"] / med["plain"], 3)}
+    return {
+        "width": width,
+        "lora_tensors": len(params),
+        "engine": round(med["engine"], 1),
+        "plain": round(med["plain"], 1),
+        "ratio": round(med["engine"] / med["plain"], 3),
+    }
 
 
 def main() -> None:
@@ -95,7 +128,7 @@ def main() -> None:
     from raytune_qvl import runtime
 
     runtime.quiet_libraries()
-    from raytune_qvl.engine import WorkerContext, init_distributed
+    from raytune_qvl.train.engine import WorkerContext, init_distributed
 
     init_distributed(WorkerContext())
     for width in (int(w) for w in args.widths.split(",")):

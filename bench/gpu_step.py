@@ -30,21 +30,64 @@ import time
 SHAPES = {
     # Qwen2.5-VL-3B-Instruct and -7B-Instruct architectures (config.json of the releases)
     "3b": {
-        "text": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
-                 "num_key_value_heads": 2, "vocab_size": 151936, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}},
-        "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 2048,
-                   "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112},
+        "text": {
+            "hidden_size": 2048,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 2,
+            "vocab_size": 151936,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+        },
+        "vision": {
+            "depth": 32,
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "out_hidden_size": 2048,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+            "window_size": 112,
+        },
     },
     "7b": {
-        "text": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-                 "num_key_value_heads": 4, "vocab_size": 152064, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}},
-        "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584,
-                   "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112},
+        "text": {
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "vocab_size": 152064,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+        },
+        "vision": {
+            "depth": 32,
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "out_hidden_size": 3584,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+            "window_size": 112,
+        },
     },
     "tiny": {
-        "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                 "vocab_size": 1024, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
-        "vision": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64, "fullatt_block_indexes": [1], "window_size": 112},
+        "text": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 1024,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        },
+        "vision": {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "fullatt_block_indexes": [1],
+            "window_size": 112,
+        },
     },
 }
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -69,18 +112,23 @@ def main() -> None:
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from raytune_qvl.config import EnvironmentConfig, LoraConfig, TrainingConfig
-    from raytune_qvl.deepspeed_config import fill_deepspeed
-    from raytune_qvl.engine import WorkerContext, build_engine, device_config, init_distributed
-    from raytune_qvl.lora import apply_lora
-    from raytune_qvl.model import resolve_attention
+    from raytune_qvl.config.schema import EnvironmentConfig, LoraConfig, TrainingConfig
+    from raytune_qvl.config.deepspeed import fill_deepspeed
+    from raytune_qvl.train.engine import WorkerContext, build_engine, device_config, init_distributed
+    from raytune_qvl.train.lora import apply_lora
+    from raytune_qvl.config.plan import resolve_attention
 
     on_gpu = args.device == "cuda"
     shape = SHAPES[args.shape]
     torch.manual_seed(0)
-    config = Qwen2_5_VLConfig(text_config=shape["text"], vision_config={**shape["vision"], "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
-                              image_token_id=shape["text"]["vocab_size"] - 1, video_token_id=shape["text"]["vocab_size"] - 2,
-                              vision_start_token_id=shape["text"]["vocab_size"] - 3, vision_end_token_id=shape["text"]["vocab_size"] - 4)
+    config = Qwen2_5_VLConfig(
+        text_config=shape["text"],
+        vision_config={**shape["vision"], "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        image_token_id=shape["text"]["vocab_size"] - 1,
+        video_token_id=shape["text"]["vocab_size"] - 2,
+        vision_start_token_id=shape["text"]["vocab_size"] - 3,
+        vision_end_token_id=shape["text"]["vocab_size"] - 4,
+    )
     attn = resolve_attention(args.attn, on_gpu=on_gpu, dtype_name="bfloat16")
     with torch.device(args.device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=torch.bfloat16)
@@ -91,10 +139,18 @@ def main() -> None:
 
     ctx = WorkerContext(on_gpu=on_gpu)
     init_distributed(ctx)
-    training = TrainingConfig(per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, learning_rate=1e-4, warmup_ratio=0.0)
+    training = TrainingConfig(
+        per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, learning_rate=1e-4, warmup_ratio=0.0
+    )
     filled = fill_deepspeed(
-        {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True}},
-        training, EnvironmentConfig(bf16=True), world_size=1, total_steps=args.steps + args.warmup,
+        {
+            "bf16": {"enabled": True},
+            "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
+        },
+        training,
+        EnvironmentConfig(bf16=True),
+        world_size=1,
+        total_steps=args.steps + args.warmup,
         hidden_size=shape["text"]["hidden_size"],
     ).config
     ds_config, _ = device_config(filled, on_gpu=on_gpu)
@@ -139,14 +195,27 @@ def main() -> None:
     flops_per_token = 4 * n_params + 8 * t["num_hidden_layers"] * seq * t["hidden_size"] + 6 * n_lora
     name = torch.cuda.get_device_name() if on_gpu else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    print(json.dumps({
-        "shape": args.shape, "device": name, "attention": attn, "batch": args.batch, "seq": seq, "image_tokens": n_image,
-        "params": n_params, "lora_params": n_lora, "tokens_per_second": round(tokens_per_s, 1),
-        "model_tflops_per_second": round(tokens_per_s * flops_per_token / 1e12, 2),
-        "mfu": round(tokens_per_s * flops_per_token / peak, 4) if peak else None,
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
-        "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "finite": all(math.isfinite(x) for x in losses),
-    }))
+    print(
+        json.dumps(
+            {
+                "shape": args.shape,
+                "device": name,
+                "attention": attn,
+                "batch": args.batch,
+                "seq": seq,
+                "image_tokens": n_image,
+                "params": n_params,
+                "lora_params": n_lora,
+                "tokens_per_second": round(tokens_per_s, 1),
+                "model_tflops_per_second": round(tokens_per_s * flops_per_token / 1e12, 2),
+                "mfu": round(tokens_per_s * flops_per_token / peak, 4) if peak else None,
+                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
+                "loss_first": round(losses[0], 4),
+                "loss_last": round(losses[-1], 4),
+                "finite": all(math.isfinite(x) for x in losses),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

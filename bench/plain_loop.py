@@ -22,7 +22,8 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tiny/training_config.yaml")
     parser.add_argument("--lora_config", default="configs/tiny/lora_config.yaml")
     parser.add_argument(
-        "--fp32-adapters", action="store_true",
+        "--fp32-adapters",
+        action="store_true",
         help="keep peft's default (fp32 adapters over the bf16 base) instead of the engine's all-bf16 module",
     )
     args = parser.parse_args()
@@ -31,12 +32,16 @@ def main() -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from raytune_qvl.config import load_config
-    from raytune_qvl.data import Collator, EpochSampler, TrainDataset, load_or_prepare
-    from raytune_qvl.lora import apply_lora
-    from raytune_qvl.model import load_model, load_processor
+    from raytune_qvl.config.load import load_config
+    from raytune_qvl.data.batches import Collator, EpochSampler, TrainDataset
+    from raytune_qvl.data.cache import load_or_prepare
+    from raytune_qvl.train.lora import apply_lora
+    from raytune_qvl.data.processor import load_processor
+    from raytune_qvl.train.model import load_model
 
-    cfg = load_config(args.config, args.lora_config, "configs/ds_config_zero2.json", ["ray.num_workers=1", "lora.lora_dropout=0.05"])
+    cfg = load_config(
+        args.config, args.lora_config, "configs/ds_config_zero2.json", ["ray.num_workers=1", "lora.lora_dropout=0.05"]
+    )
     torch.manual_seed(cfg.environment.seed)
     processor = load_processor(cfg)
     items = load_or_prepare(cfg, processor, "train").items
@@ -45,7 +50,9 @@ def main() -> None:
         model = model.to(torch.bfloat16)  # what DeepSpeed's bf16 mode trains: every weight in bf16
     model.train()
     t = cfg.training
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=t.learning_rate, weight_decay=t.weight_decay
+    )
     dataset = TrainDataset(items, processor)
     micro, accum = t.per_device_train_batch_size, t.gradient_accumulation_steps
     sampler = EpochSampler(len(dataset), micro=micro, accum=accum, rank=0, world=1, seed=0, shuffle=True)

@@ -51,12 +51,37 @@ def write_benchmarks_md(results: dict[str, Any], plots: list[str]) -> None:
     ]
     loop, over, search = results.get("loop"), results.get("overhead"), results.get("search")
     rows = [
-        ("loop_ratio_vs_plain", results.get("loop_ratio_vs_plain"), "≥ 0.95", None if not loop else results["loop_ratio_vs_plain"] >= 0.95),
-        ("ray_loop_ratio_vs_plain", results.get("ray_loop_ratio_vs_plain"), "≥ 0.95", None if not loop else results["ray_loop_ratio_vs_plain"] >= 0.95),
+        (
+            "loop_ratio_vs_plain",
+            results.get("loop_ratio_vs_plain"),
+            "≥ 0.95",
+            None if not loop else results["loop_ratio_vs_plain"] >= 0.95,
+        ),
+        (
+            "ray_loop_ratio_vs_plain",
+            results.get("ray_loop_ratio_vs_plain"),
+            "≥ 0.95",
+            None if not loop else results["ray_loop_ratio_vs_plain"] >= 0.95,
+        ),
         ("trial_setup_seconds", results.get("trial_setup_seconds"), "—", None),
-        ("data_prep_reuse_ratio", results.get("data_prep_reuse_ratio"), "≤ 0.10", None if not over else results["data_prep_reuse_ratio"] <= 0.10),
-        ("sweep_best_gap_vs_grid", results.get("sweep_best_gap_vs_grid"), "≤ 0.02", None if not search else results["sweep_best_gap_vs_grid"] <= 0.02),
-        ("sweep_samples_ratio_vs_grid", results.get("sweep_samples_ratio_vs_grid"), "≤ 0.33", None if not search else results["sweep_samples_ratio_vs_grid"] <= 1 / 3),
+        (
+            "data_prep_reuse_ratio",
+            results.get("data_prep_reuse_ratio"),
+            "≤ 0.10",
+            None if not over else results["data_prep_reuse_ratio"] <= 0.10,
+        ),
+        (
+            "sweep_best_gap_vs_grid",
+            results.get("sweep_best_gap_vs_grid"),
+            "≤ 0.02",
+            None if not search else results["sweep_best_gap_vs_grid"] <= 0.02,
+        ),
+        (
+            "sweep_samples_ratio_vs_grid",
+            results.get("sweep_samples_ratio_vs_grid"),
+            "≤ 0.33",
+            None if not search else results["sweep_samples_ratio_vs_grid"] <= 1 / 3,
+        ),
     ]
     for key, value, target, ok in rows:
         lines.append(f"| `{key}` | {_fmt(value)} | {target} | {_verdict(ok)} |")
@@ -68,7 +93,9 @@ def write_benchmarks_md(results: dict[str, Any], plots: list[str]) -> None:
             "## 1. Loop efficiency",
             "",
             "Samples per second, steady state, tiny Qwen2.5-VL (bf16, LoRA r=16 on the language model), micro batch 4,",
-            "effective batch 8 in every row; repeats: " + ", ".join(f"{k} {[round(x, 1) for x in v]}" for k, v in loop["runs"].items()) + ".",
+            "effective batch 8 in every row; repeats: "
+            + ", ".join(f"{k} {[round(x, 1) for x in v]}" for k, v in loop["runs"].items())
+            + ".",
             "",
             "| loop | samples/s | ÷ plain |",
             "|---|---|---|",
@@ -84,7 +111,10 @@ def write_benchmarks_md(results: dict[str, Any], plots: list[str]) -> None:
                 "",
                 "| width | engine samples/s | plain samples/s | engine ÷ plain |",
                 "|---|---|---|---|",
-                *[f"| {r['width']} | {r['engine']} | {r['plain']} | {r['ratio']} |" for r in loop["engine_vs_plain_by_width"]],
+                *[
+                    f"| {r['width']} | {r['engine']} | {r['plain']} | {r['ratio']} |"
+                    for r in loop["engine_vs_plain_by_width"]
+                ],
                 "",
                 ENGINE_NOTES,
                 "",
@@ -102,7 +132,10 @@ def write_benchmarks_md(results: dict[str, Any], plots: list[str]) -> None:
             "",
             "| trial | set-up (s) | data (s) | wall (s) |",
             "|---|---|---|---|",
-            *[f"| {r['trial']} | {r['setup_seconds']:.1f} | {r['data_prep_seconds']:.3f} | {r['wall_seconds']:.1f} |" for r in over["trials"]],
+            *[
+                f"| {r['trial']} | {r['setup_seconds']:.1f} | {r['data_prep_seconds']:.3f} | {r['wall_seconds']:.1f} |"
+                for r in over["trials"]
+            ],
             "",
             OVERHEAD_NOTES,
             "",
@@ -119,7 +152,9 @@ def write_benchmarks_md(results: dict[str, Any], plots: list[str]) -> None:
         ]
         for name in ("staged", "grid", "random"):
             r = search[name]
-            lines.append(f"| {name} | {r['trials']} | {r['stopped']} | {r['best']:.4f} | {r['samples']} | {r['wall_seconds']:.0f} |")
+            lines.append(
+                f"| {name} | {r['trials']} | {r['stopped']} | {r['best']:.4f} | {r['samples']} | {r['wall_seconds']:.0f} |"
+            )
         runs = search.get("staged_runs", [])
         if len(runs) > 1:
             lines += [
@@ -128,15 +163,25 @@ def write_benchmarks_md(results: dict[str, Any], plots: list[str]) -> None:
                 "",
                 "| staged run | stopped by ASHA | best eval_loss | training samples | ÷ grid samples | wall (s) |",
                 "|---|---|---|---|---|---|",
-                *[f"| {i + 1} | {r['stopped']} | {r['best']:.4f} | {r['samples']} | {r['samples'] / search['grid']['samples']:.3f} | {r['wall_seconds']:.0f} |"
-                  for i, r in enumerate(runs)],
+                *[
+                    f"| {i + 1} | {r['stopped']} | {r['best']:.4f} | {r['samples']} | {r['samples'] / search['grid']['samples']:.3f} | {r['wall_seconds']:.0f} |"
+                    for i, r in enumerate(runs)
+                ],
             ]
         lines += ["", "![search efficiency](bench/results/search_efficiency.png)", "", SEARCH_NOTES, ""]
     if "scaling" in results:
-        lines += ["## 4. Scaling on this machine", "", "Random-search sweeps of short trials (16 steps), 1 worker per trial.", "",
-                  "| trials | concurrency | wall (s) | per trial (s) |", "|---|---|---|---|"]
+        lines += [
+            "## 4. Scaling on this machine",
+            "",
+            "Random-search sweeps of short trials (16 steps), 1 worker per trial.",
+            "",
+            "| trials | concurrency | wall (s) | per trial (s) |",
+            "|---|---|---|---|",
+        ]
         for r in results["scaling"]["rows"]:
-            lines.append(f"| {r['trials']} | {r['concurrency']} | {r['wall_seconds']:.0f} | {r['per_trial_seconds']:.1f} |")
+            lines.append(
+                f"| {r['trials']} | {r['concurrency']} | {r['wall_seconds']:.0f} | {r['per_trial_seconds']:.1f} |"
+            )
         lines += ["", "![scaling](bench/results/scaling.png)", "", SCALING_NOTES, ""]
     lines += [GPU_NOTES, ""]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))

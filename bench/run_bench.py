@@ -38,7 +38,14 @@ SPEED = re.compile(r"^step\s+(\d+)/\d+.*?([\d.]+) samples/s")
 
 
 def _run(args: list[str], timeout: int = 1800, env: dict | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    result = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:4])} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
     return result
@@ -54,24 +61,63 @@ def _progress_speeds(stderr: str, skip_first: bool = True) -> list[float]:
 
 
 def bench_loop(repeats: int, steps: int, tmp: Path) -> dict[str, Any]:
-    common = [f"training.max_steps={steps}", "training.logging_steps=10", f"training.eval_steps={steps}", f"training.save_steps={steps}",
-              "evaluation.generation_samples=0", "data.num_workers=0", f"output.tracking_uri=sqlite:///{tmp / 'loop.db'}", "--overwrite"]
-    runs: dict[str, list[float]] = {"plain": [], "zero2": [], "zero3_offload": [], "ray_1_worker": [], "ray_2_workers": []}
+    common = [
+        f"training.max_steps={steps}",
+        "training.logging_steps=10",
+        f"training.eval_steps={steps}",
+        f"training.save_steps={steps}",
+        "evaluation.generation_samples=0",
+        "data.num_workers=0",
+        f"output.tracking_uri=sqlite:///{tmp / 'loop.db'}",
+        "--overwrite",
+    ]
+    runs: dict[str, list[float]] = {
+        "plain": [],
+        "zero2": [],
+        "zero3_offload": [],
+        "ray_1_worker": [],
+        "ray_2_workers": [],
+    }
     for i in range(repeats):
-        plain = json.loads(_run(["-m", "bench.plain_loop", "--steps", str(steps - 10), "--warmup", "10"]).stdout.strip().splitlines()[-1])
+        plain = json.loads(
+            _run(["-m", "bench.plain_loop", "--steps", str(steps - 10), "--warmup", "10"])
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         runs["plain"].append(plain["samples_per_second"])
         for name, ds, extra in (
             ("zero2", "configs/ds_config_zero2.json", ["--no-ray"]),
             ("zero3_offload", "configs/ds_config_zero3_offload.json", ["--no-ray"]),
             ("ray_1_worker", "configs/ds_config_zero2.json", ["ray.num_workers=1"]),
-            ("ray_2_workers", "configs/ds_config_zero2.json", ["ray.num_workers=2", "training.gradient_accumulation_steps=1"]),
+            (
+                "ray_2_workers",
+                "configs/ds_config_zero2.json",
+                ["ray.num_workers=2", "training.gradient_accumulation_steps=1"],
+            ),
         ):
-            out = _run(["-m", "raytune_qvl.train", *TINY, "--deepspeed", ds, *common, *extra,
-                        f"output.dir={tmp / f'{name}-{i}'}", f"ray.storage_path={tmp / 'ray'}"])
+            out = _run(
+                [
+                    "-m",
+                    "raytune_qvl.train",
+                    *TINY,
+                    "--deepspeed",
+                    ds,
+                    *common,
+                    *extra,
+                    f"output.dir={tmp / f'{name}-{i}'}",
+                    f"ray.storage_path={tmp / 'ray'}",
+                ]
+            )
             runs[name].append(statistics.median(_progress_speeds(out.stderr)))
     medians = {k: statistics.median(v) for k, v in runs.items()}
     widths = "64,256" if repeats == 1 else "64,256,512,1024"
-    engine_ab = [json.loads(line) for line in _run(["-m", "bench.engine_ab", "--widths", widths, "--reps", str(max(3, repeats + 2))]).stdout.splitlines() if line.startswith("{")]
+    engine_ab = [
+        json.loads(line)
+        for line in _run(
+            ["-m", "bench.engine_ab", "--widths", widths, "--reps", str(max(3, repeats + 2))]
+        ).stdout.splitlines()
+        if line.startswith("{")
+    ]
     return {
         "engine_vs_plain_by_width": engine_ab,
         "runs": runs,
@@ -89,8 +135,12 @@ def bench_loop(repeats: int, steps: int, tmp: Path) -> dict[str, Any]:
 def _space_file(tmp: Path, name: str, **changes: Any) -> Path:
     raw = yaml.safe_load((ROOT / "search_spaces" / "tiny_cpu.yaml").read_text())
     raw["base"] = {k: str(ROOT / v) for k, v in raw["base"].items()}
-    raw.update(name=name, storage_path=str(tmp / "ray"), output_dir=str(tmp / "sweeps"),
-               mlflow={"tracking_uri": f"sqlite:///{tmp / 'bench.db'}", "experiment": f"bench-{name}"})
+    raw.update(
+        name=name,
+        storage_path=str(tmp / "ray"),
+        output_dir=str(tmp / "sweeps"),
+        mlflow={"tracking_uri": f"sqlite:///{tmp / 'bench.db'}", "experiment": f"bench-{name}"},
+    )
     overrides = changes.pop("overrides", {})
     raw.update(changes)
     raw["overrides"].update(overrides)
@@ -129,17 +179,27 @@ def bench_overhead(tmp: Path, trials: int) -> dict[str, Any]:
     trial reads it; set-up time of each trial from its first report."""
     from mlflow.tracking import MlflowClient
 
-    from raytune_qvl.synth import write_dataset
+    from raytune_qvl.assets.synth import write_dataset
 
     data = write_dataset(tmp / "data2k", "ocr_doc", 2000, 64, seed=11)
     cache = tmp / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     result = _sweep(
-        tmp, "overhead", env={"RAYTUNE_QVL_CACHE": str(cache)}, strategy="random", joint_trials=trials, asha={"enabled": False},
+        tmp,
+        "overhead",
+        env={"RAYTUNE_QVL_CACHE": str(cache)},
+        strategy="random",
+        joint_trials=trials,
+        asha={"enabled": False},
         parameters={"training.learning_rate": {"choices": [6.0e-4, 1.5e-3, 3.0e-3]}, "lora.r": {"choices": [4, 8, 16]}},
-        trials_per_stage=trials, resources={"workers_per_trial": 1, "max_concurrent_trials": 1},
-        overrides={"data.train_path": str(data["train"]), "data.eval_path": str(data["eval"]), "training.max_steps": 16,
-                   "evaluation.generation_samples": 0},
+        trials_per_stage=trials,
+        resources={"workers_per_trial": 1, "max_concurrent_trials": 1},
+        overrides={
+            "data.train_path": str(data["train"]),
+            "data.eval_path": str(data["eval"]),
+            "training.max_steps": 16,
+            "evaluation.generation_samples": 0,
+        },
     )
     client = MlflowClient(f"sqlite:///{tmp / 'bench.db'}")
     parent = client.get_run(result["parent"])
@@ -148,8 +208,21 @@ def bench_overhead(tmp: Path, trials: int) -> dict[str, Any]:
     for t in result["trials"]:
         run = client.search_runs([parent.info.experiment_id], f"tags.`raytune_qvl.trial_id` = '{t['trial_id']}'")[0]
         wall = (run.info.end_time - run.info.start_time) / 1000
-        rows.append({"trial": t["trial_id"], "setup_seconds": run.data.metrics["setup_seconds"], "data_prep_seconds": run.data.metrics["data_prep_seconds"], "wall_seconds": wall})
-    rows.sort(key=lambda r: client.search_runs([parent.info.experiment_id], f"tags.`raytune_qvl.trial_id` = '{r['trial']}'")[0].info.start_time)
+        rows.append(
+            {
+                "trial": t["trial_id"],
+                "setup_seconds": run.data.metrics["setup_seconds"],
+                "data_prep_seconds": run.data.metrics["data_prep_seconds"],
+                "wall_seconds": wall,
+            }
+        )
+    rows.sort(
+        key=lambda r: (
+            client.search_runs([parent.info.experiment_id], f"tags.`raytune_qvl.trial_id` = '{r['trial']}'")[
+                0
+            ].info.start_time
+        )
+    )
     later = [r["data_prep_seconds"] for r in rows[1:]]
     return {
         "trials": rows,
@@ -172,12 +245,19 @@ def bench_search(tmp: Path, staged_repeats: int = 3) -> dict[str, Any]:
     runs.sort(key=lambda r: sum(int(t.get("samples_seen") or 0) for t in r["trials"]))
     staged = runs[len(runs) // 2]  # the median run by samples
     n = len(staged["trials"])
-    lrs = yaml.safe_load((ROOT / "search_spaces" / "tiny_cpu.yaml").read_text())["parameters"]["training.learning_rate"]["choices"]
+    lrs = yaml.safe_load((ROOT / "search_spaces" / "tiny_cpu.yaml").read_text())["parameters"][
+        "training.learning_rate"
+    ]["choices"]
     ranks = [4, 8, 16, 32]
     full_epochs = 3  # the longest training the staged sweep considers
     grid = _sweep(
-        tmp, "grid", strategy="joint", joint_trials=len(lrs) * len(ranks), asha={"enabled": False},
-        parameters={"training.learning_rate": {"choices": lrs}, "lora.r": {"choices": ranks}}, trials_per_stage=1,
+        tmp,
+        "grid",
+        strategy="joint",
+        joint_trials=len(lrs) * len(ranks),
+        asha={"enabled": False},
+        parameters={"training.learning_rate": {"choices": lrs}, "lora.r": {"choices": ranks}},
+        trials_per_stage=1,
         overrides={"training.num_epochs": full_epochs},
     )
     random = _sweep(tmp, "random", strategy="random", joint_trials=n, asha={"enabled": False}, trials_per_stage=1)
@@ -193,9 +273,12 @@ def bench_search(tmp: Path, staged_repeats: int = 3) -> dict[str, Any]:
             "curve": _curve(res["trials"]),
         }
     out["staged_runs"] = [
-        {"samples": sum(int(t.get("samples_seen") or 0) for t in r["trials"]),
-         "best": min(t["value"] for t in r["trials"] if t["value"] is not None),
-         "stopped": sum(1 for t in r["trials"] if t["status"] == "stopped"), "wall_seconds": r["wall_seconds"]}
+        {
+            "samples": sum(int(t.get("samples_seen") or 0) for t in r["trials"]),
+            "best": min(t["value"] for t in r["trials"] if t["value"] is not None),
+            "stopped": sum(1 for t in r["trials"] if t["status"] == "stopped"),
+            "wall_seconds": r["wall_seconds"],
+        }
         for r in runs
     ]
     out["sweep_best_gap_vs_grid"] = (out["staged"]["best"] - out["grid"]["best"]) / out["grid"]["best"]
@@ -212,12 +295,27 @@ def bench_scaling(tmp: Path, sizes: list[int]) -> dict[str, Any]:
     for concurrency in (1, 2):
         for n in sizes:
             res = _sweep(
-                tmp, f"scale{n}c{concurrency}", strategy="random", joint_trials=n, asha={"enabled": False}, trials_per_stage=1,
-                parameters={"training.learning_rate": {"low": 2e-4, "high": 3e-3, "log": True}, "lora.r": {"choices": [4, 8, 16, 32]}},
+                tmp,
+                f"scale{n}c{concurrency}",
+                strategy="random",
+                joint_trials=n,
+                asha={"enabled": False},
+                trials_per_stage=1,
+                parameters={
+                    "training.learning_rate": {"low": 2e-4, "high": 3e-3, "log": True},
+                    "lora.r": {"choices": [4, 8, 16, 32]},
+                },
                 resources={"workers_per_trial": 1, "max_concurrent_trials": concurrency},
                 overrides={"training.max_steps": 16, "evaluation.generation_samples": 0},
             )
-            rows.append({"trials": n, "concurrency": concurrency, "wall_seconds": res["wall_seconds"], "per_trial_seconds": res["wall_seconds"] / n})
+            rows.append(
+                {
+                    "trials": n,
+                    "concurrency": concurrency,
+                    "wall_seconds": res["wall_seconds"],
+                    "per_trial_seconds": res["wall_seconds"] / n,
+                }
+            )
     return {"rows": rows}
 
 
@@ -257,7 +355,9 @@ def _plots(results: dict[str, Any]) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for c in (1, 2):
             rows = [r for r in results["scaling"]["rows"] if r["concurrency"] == c]
-            ax.plot([r["trials"] for r in rows], [r["wall_seconds"] for r in rows], marker="o", label=f"concurrency {c}")
+            ax.plot(
+                [r["trials"] for r in rows], [r["wall_seconds"] for r in rows], marker="o", label=f"concurrency {c}"
+            )
         ax.set_xlabel("trials")
         ax.set_ylabel("sweep wall time (s)")
         ax.set_title("Sweep scaling on 2 CPU cores")
@@ -272,17 +372,40 @@ def _plots(results: dict[str, Any]) -> list[str]:
 def _environment() -> dict[str, Any]:
     import importlib.metadata as md
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
-    mem = next((int(line.split()[1]) // 1024 // 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")), 0)
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = next(
+        (
+            int(line.split()[1]) // 1024 // 1024
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        ),
+        0,
+    )
     versions = {p: md.version(p) for p in ("torch", "transformers", "peft", "deepspeed", "ray", "optuna", "mlflow")}
-    return {"date": date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "python": platform.python_version(), "versions": versions}
+    return {
+        "date": date.today().isoformat(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem,
+        "python": platform.python_version(),
+        "versions": versions,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and trials (a smoke run)")
     parser.add_argument("--only", default="loop,overhead,search,scaling")
-    parser.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md and the plots from latest.json")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite BENCHMARKS.md and the plots from latest.json"
+    )
     args = parser.parse_args()
     if args.report_only:
         from bench.report import write_benchmarks_md
@@ -311,14 +434,17 @@ def main() -> None:
             results["scaling"] = bench_scaling(tmp, [2, 4] if args.quick else [4, 8, 16])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    summary = {k: v for k, v in {
-        "loop_ratio_vs_plain": results.get("loop", {}).get("loop_ratio_vs_plain"),
-        "ray_loop_ratio_vs_plain": results.get("loop", {}).get("ray_loop_ratio_vs_plain"),
-        "trial_setup_seconds": results.get("overhead", {}).get("trial_setup_seconds"),
-        "data_prep_reuse_ratio": results.get("overhead", {}).get("data_prep_reuse_ratio"),
-        "sweep_best_gap_vs_grid": results.get("search", {}).get("sweep_best_gap_vs_grid"),
-        "sweep_samples_ratio_vs_grid": results.get("search", {}).get("sweep_samples_ratio_vs_grid"),
-    }.items()}
+    summary = {
+        k: v
+        for k, v in {
+            "loop_ratio_vs_plain": results.get("loop", {}).get("loop_ratio_vs_plain"),
+            "ray_loop_ratio_vs_plain": results.get("loop", {}).get("ray_loop_ratio_vs_plain"),
+            "trial_setup_seconds": results.get("overhead", {}).get("trial_setup_seconds"),
+            "data_prep_reuse_ratio": results.get("overhead", {}).get("data_prep_reuse_ratio"),
+            "sweep_best_gap_vs_grid": results.get("search", {}).get("sweep_best_gap_vs_grid"),
+            "sweep_samples_ratio_vs_grid": results.get("search", {}).get("sweep_samples_ratio_vs_grid"),
+        }.items()
+    }
     results.update(summary)
     latest.write_text(json.dumps(results, indent=1, default=str))
     plots = _plots(results)

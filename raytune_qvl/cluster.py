@@ -34,8 +34,12 @@ def ray_session(address: str | None, *, min_cpus: int = 1, min_gpus: int = 0) ->
         # print a core-worker error line for every run. The cluster's processes inherit this.
         with _env(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")):
             ray.init(
-                num_cpus=cpus, num_gpus=min_gpus or None, include_dashboard=True, dashboard_host="127.0.0.1",
-                runtime_env={"worker_process_setup_hook": "raytune_qvl.runtime.quiet_ray_worker"}, **kwargs,
+                num_cpus=cpus,
+                num_gpus=min_gpus or None,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                runtime_env={"worker_process_setup_hook": "raytune_qvl.runtime.quiet_ray_worker"},
+                **kwargs,
             )
     try:
         yield
@@ -80,15 +84,25 @@ def check_storage(storage_path: str, *, shared: bool, source: str, key: str) -> 
                 Problem(
                     source,
                     key,
-                    f"{storage_path} is a local path, but the Ray cluster has {len(nodes)} nodes: use storage every node reaches "
-                    "(a cloud URI such as s3://bucket/runs, or a shared filesystem mount declared with shared_storage: true)",
+                    f"{storage_path} is a local path, but the Ray cluster has {len(nodes)} nodes: "
+                    "use storage every node reaches (a cloud URI such as s3://bucket/runs, "
+                    "or a shared filesystem mount declared with shared_storage: true)",
                     show_value=False,
                 )
             ]
         )
     missing = _nodes_missing(storage_path, nodes)
     if missing:
-        raise ConfigError([Problem(source, key, f"{storage_path} is declared shared but nodes {', '.join(missing)} do not see it", show_value=False)])
+        raise ConfigError(
+            [
+                Problem(
+                    source,
+                    key,
+                    f"{storage_path} is declared shared but nodes {', '.join(missing)} do not see it",
+                    show_value=False,
+                )
+            ]
+        )
 
 
 def _nodes_missing(storage_path: str, nodes: list[dict]) -> list[str]:
@@ -123,7 +137,11 @@ def job_working_dir() -> Path | None:
     """The folder a `ray job submit --working-dir` entrypoint runs in: Ray's unpacked copy of
     the working directory, deleted when the job ends. None outside such a job."""
     cwd = Path.cwd()
-    return cwd if "runtime_resources" in cwd.parts and any(part.startswith("working_dir_files") for part in cwd.parts) else None
+    return (
+        cwd
+        if "runtime_resources" in cwd.parts and any(part.startswith("working_dir_files") for part in cwd.parts)
+        else None
+    )
 
 
 def check_outputs_outside_job_dir(outputs: list[tuple[str, str, str | None]]) -> None:
@@ -131,7 +149,7 @@ def check_outputs_outside_job_dir(outputs: list[tuple[str, str, str | None]]) ->
     adapters, checkpoints and MLflow store would vanish with the job. `outputs` holds
     (source, key, path or URI) triples; URIs other than file:// and sqlite:// are remote."""
     from raytune_qvl.errors import ConfigError, Problem
-    from raytune_qvl.tracking import local_store_path
+    from raytune_qvl.config.uris import local_store_path
 
     work = job_working_dir()
     if work is None:
@@ -145,11 +163,14 @@ def check_outputs_outside_job_dir(outputs: list[tuple[str, str, str | None]]) ->
             continue
         path = local.absolute()
         if path == work or work in path.parents:
-            problems.append(Problem(
-                source, key,
-                f"{path} lies in this Ray job's temporary working directory, deleted when the job ends: "
-                "give an absolute path every node can reach (e.g. /shared/...)",
-                show_value=False,
-            ))
+            problems.append(
+                Problem(
+                    source,
+                    key,
+                    f"{path} lies in this Ray job's temporary working directory, deleted when the job ends: "
+                    "give an absolute path every node can reach (e.g. /shared/...)",
+                    show_value=False,
+                )
+            )
     if problems:
         raise ConfigError(problems)

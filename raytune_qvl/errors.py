@@ -1,13 +1,15 @@
-"""User-facing errors: one line per problem, naming the file, the key, the value and the rule."""
+"""User-facing errors: one line per problem, naming the file, the key, the value and the rule; and
+the one line that says why a Ray worker or trial failed."""
 
 from __future__ import annotations
 
 import logging
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-__all__ = ["Problem", "UserError", "ConfigError", "DataError", "run_cli"]
+__all__ = ["Problem", "UserError", "ConfigError", "DataError", "run_cli", "worker_error", "trial_error"]
 
 log = logging.getLogger("raytune_qvl")
 
@@ -73,3 +75,29 @@ def run_cli(main: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def worker_error(exc: BaseException) -> str:
+    """The first Ray Train worker's error (or the exception's last line), in one line."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        rank, err = sorted(failures.items())[0]
+        text = str(err).strip().splitlines()
+        last = next((line for line in reversed(text) if line.strip()), type(err).__name__)
+        return f"worker {rank}: {last.strip()[:300]}"
+    text = str(exc).strip().splitlines()
+    return (text[-1] if text else type(exc).__name__)[:300]
+
+
+def trial_error(trial: Any) -> str:
+    """The last meaningful line of a Tune trial's error (the TrialFailed message when it is ours)."""
+    text = ""
+    path = getattr(trial, "error_file", None) or getattr(trial, "pickled_error_file", None)
+    if path and Path(str(path)).is_file():
+        text = Path(str(path)).read_text(errors="replace")
+    text = text or str(getattr(trial, "error_msg", "") or "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "TrialFailed:" in line:
+            return line.split("TrialFailed:", 1)[1].strip()[:500]
+    return (lines[-1] if lines else "unknown error")[:500]

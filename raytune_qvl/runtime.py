@@ -28,7 +28,9 @@ def quiet_libraries() -> None:
 
 
 # Ray's own messages from its processes that a normal run prints and nobody acts on
-_ROUTINE_RAY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)  # "controller is dead. Cleaning up"
+_ROUTINE_RAY_LOGGERS = (
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner",
+)  # "controller is dead. Cleaning up"
 
 
 def quiet_ray_worker() -> None:

@@ -42,7 +42,18 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
         subprocess.run([sys.executable, "-m", "raytune_qvl.tiny", str(model.parent)], check=True, cwd=ROOT)
     if not data.exists():
         subprocess.run(
-            [sys.executable, "-m", "raytune_qvl.synth", str(data.parent), "--task", "ocr_doc", "--train", "256", "--eval", "32"],
+            [
+                sys.executable,
+                "-m",
+                "raytune_qvl.synth",
+                str(data.parent),
+                "--task",
+                "ocr_doc",
+                "--train",
+                "256",
+                "--eval",
+                "32",
+            ],
             check=True,
             cwd=ROOT,
         )
@@ -59,7 +70,7 @@ def in_root(monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture()
 def tiny_config(tiny_assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A loader for the tiny config with every output (run folder, Ray storage, MLflow) in tmp_path."""
-    from raytune_qvl.config import load_config
+    from raytune_qvl.config.load import load_config
 
     monkeypatch.chdir(ROOT)
 
@@ -77,10 +88,13 @@ def tiny_config(tiny_assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 @pytest.fixture(scope="session")
 def processor(tiny_assets: Path):
-    from raytune_qvl.config import Config, DataConfig, ModelConfig
-    from raytune_qvl.model import load_processor
+    from raytune_qvl.config.schema import Config, DataConfig, ModelConfig
+    from raytune_qvl.data.processor import load_processor
 
-    cfg = Config(model=ModelConfig(name=str(tiny_assets / "tiny-qwen25vl")), data=DataConfig(min_image_size=112, max_image_size=336))
+    cfg = Config(
+        model=ModelConfig(name=str(tiny_assets / "tiny-qwen25vl")),
+        data=DataConfig(min_image_size=112, max_image_size=336),
+    )
     return load_processor(cfg)
 
 
@@ -90,7 +104,9 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True, logging_level="WARNING")
+        ray.init(
+            num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True, logging_level="WARNING"
+        )
     yield ray
     ray.shutdown()
 
@@ -98,7 +114,9 @@ def ray_cluster():
 def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """A raytune_qvl CLI in a subprocess, as a user runs it."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def free_port() -> int:
@@ -154,7 +172,11 @@ def cer_sweep(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     path = tiny_space(
         tmp_path,
         "cer",
-        config_overrides={"training.num_epochs": 1, "evaluation.generation_every": 1, "evaluation.generation_samples": 4},
+        config_overrides={
+            "training.num_epochs": 1,
+            "evaluation.generation_every": 1,
+            "evaluation.generation_samples": 4,
+        },
         strategy="joint",
         joint_trials=2,
         metric="eval_cer",

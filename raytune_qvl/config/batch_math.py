@@ -1,0 +1,92 @@
+"""Batch, step and learning-rate arithmetic: pure functions, each with its formula."""
+
+from __future__ import annotations
+
+import math
+
+__all__ = [
+    "BatchMathError",
+    "effective_batch",
+    "accumulation_for",
+    "scale_lr",
+    "steps_per_epoch",
+    "total_steps",
+    "warmup_steps",
+]
+
+
+class BatchMathError(ValueError):
+    """A batch setting that cannot be realised (a target that does not divide, too little data)."""
+
+
+def effective_batch(micro: int, workers: int, accum: int) -> int:
+    """Samples per optimizer step: micro x workers x accum.
+
+    >>> effective_batch(micro=2, workers=4, accum=8)
+    64
+    """
+    return micro * workers * accum
+
+
+def accumulation_for(target: int, micro: int, workers: int) -> int:
+    """Gradient-accumulation steps that reach an effective batch: target / (micro x workers).
+
+    >>> accumulation_for(target=64, micro=2, workers=4)
+    8
+    """
+    per_step = micro * workers
+    if target < per_step or target % per_step:
+        raise BatchMathError(
+            f"effective batch {target} is not a multiple of micro batch {micro} x {workers} workers = {per_step}"
+        )
+    return target // per_step
+
+
+def scale_lr(lr: float, new_batch: int, base_batch: int) -> float:
+    """Linear scaling rule: lr_new = lr_base x B_new / B_base.
+
+    >>> scale_lr(2e-4, new_batch=64, base_batch=32)
+    0.0004
+    """
+    return lr * new_batch / base_batch
+
+
+def steps_per_epoch(num_samples: int, micro: int, workers: int, accum: int) -> int:
+    """Optimizer steps in one pass: floor(num_samples / effective batch).
+
+    The remainder (fewer samples than one effective batch) is left out of that epoch; the
+    order is reshuffled every epoch, so no sample is left out every time.
+
+    >>> steps_per_epoch(1000, micro=2, workers=4, accum=8)
+    15
+    """
+    batch = effective_batch(micro, workers, accum)
+    steps = num_samples // batch
+    if steps < 1:
+        raise BatchMathError(
+            f"{num_samples} training samples are fewer than one effective batch of {batch} "
+            f"(micro {micro} x {workers} workers x accumulation {accum}): lower the batch or add data"
+        )
+    return steps
+
+
+def total_steps(
+    num_samples: int, micro: int, workers: int, accum: int, epochs: int, max_steps: int | None = None
+) -> int:
+    """Optimizer steps of the whole run: steps_per_epoch x epochs, or max_steps when set.
+
+    >>> total_steps(1000, micro=2, workers=4, accum=8, epochs=3)
+    45
+    """
+    if max_steps is not None:
+        return max_steps
+    return steps_per_epoch(num_samples, micro, workers, accum) * epochs
+
+
+def warmup_steps(total: int, ratio: float) -> int:
+    """Warmup optimizer steps: ceil(total x ratio).
+
+    >>> warmup_steps(45, 0.05)
+    3
+    """
+    return math.ceil(total * ratio)

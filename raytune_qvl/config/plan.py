@@ -1,0 +1,186 @@
+"""The run plan: every derived number (world size, effective batch, steps, warmup, the filled
+DeepSpeed config) computed once from the config, printed at start-up and by --dry-run.
+Pure: no torch, no Ray, no model load."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raytune_qvl.config import batch_math
+from raytune_qvl.config.deepspeed import fill_deepspeed, zero_stage
+from raytune_qvl.config.schema import Config
+from raytune_qvl.errors import ConfigError, Problem
+
+__all__ = ["Plan", "make_plan", "count_records", "model_hidden_size", "resolve_attention"]
+
+log = logging.getLogger("raytune_qvl")
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def resolve_attention(requested: str, *, on_gpu: bool, dtype_name: str) -> str:
+    """flash_attention_2 when asked and usable (flash-attn importable, a GPU, half precision);
+    otherwise sdpa, with one warning line."""
+    if requested != "flash_attention_2":
+        return requested
+    reason = None
+    if importlib.util.find_spec("flash_attn") is None:
+        reason = "flash-attn is not installed (pip install 'raytune_qvl[gpu]')"
+    elif not on_gpu:
+        reason = "FlashAttention-2 needs a GPU"
+    elif dtype_name == "float32":
+        reason = "FlashAttention-2 needs bfloat16 or float16"
+    if reason:
+        _warn_once(f"attn_implementation flash_attention_2 requested but {reason}; using sdpa")
+        return "sdpa"
+    return requested
+
+
+def count_records(path: str | None) -> int:
+    """Records in a data file before the audit: non-blank JSONL lines, or a JSON list's length."""
+    if path is None or not Path(path).is_file():
+        return 0
+    raw = Path(path).read_bytes()
+    if path.endswith(".json") or raw.lstrip()[:1] == b"[":
+        try:
+            items = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return 0
+        return len(items) if isinstance(items, list) else 0
+    return sum(1 for line in raw.split(b"\n") if line.strip())
+
+
+def model_hidden_size(name: str) -> int | None:
+    """The language model's width from a local checkpoint's config.json (None for hub ids)."""
+    config = Path(name) / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text())
+    return (data.get("text_config") or {}).get("hidden_size") or data.get("hidden_size")
+
+
+@dataclass
+class Plan:
+    cfg: Config
+    world_size: int
+    num_samples: int
+    effective_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    attention: str
+    deepspeed: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def zero_stage(self) -> int:
+        return zero_stage(self.deepspeed)
+
+    @property
+    def total_samples(self) -> int:
+        """Training samples the whole run processes (the sweep's compute budget unit)."""
+        return self.total_steps * self.effective_batch
+
+    def format(self) -> str:
+        c, t = self.cfg, self.cfg.training
+        lora, v = c.lora, c.lora.vision_lora
+        vision = (
+            f"on (r={v.vision_r}, alpha={v.vision_alpha}, {', '.join(v.vision_target_modules)})" if v.enabled else "off"
+        )
+        device = "GPU" if c.ray.use_gpu else "CPU"
+        rows = [
+            ("model", f"{c.model.name} ({c.model.torch_dtype}, attention {self.attention})"),
+            (
+                "LoRA",
+                f"r={lora.r}, alpha={lora.lora_alpha}, scale={lora.lora_alpha / lora.r:g}, dropout={lora.lora_dropout}",
+            ),
+            ("  targets", f"{', '.join(lora.target_modules)} (language model); vision LoRA {vision}"),
+            (
+                "learning rate",
+                f"{c.training.learning_rate:g}, {c.training.lr_scheduler_type}, warmup {self.warmup_steps} steps",
+            ),
+            ("world size", f"{self.world_size} Ray Train worker(s) on {device}"),
+            ("per-worker batch", str(c.training.per_device_train_batch_size)),
+            ("accumulation", str(c.training.gradient_accumulation_steps)),
+            (
+                "effective batch size",
+                f"{self.effective_batch}  (= {t.per_device_train_batch_size} x {self.world_size} "
+                f"x {t.gradient_accumulation_steps})",
+            ),
+            ("data", f"{self.num_samples} training records (before the audit): {c.data.train_path}"),
+            (
+                "epochs",
+                f"{c.training.num_epochs} x {self.steps_per_epoch} steps = {self.total_steps} optimizer steps"
+                + (f" (max_steps {c.training.max_steps})" if c.training.max_steps else ""),
+            ),
+            (
+                "evaluate / save",
+                f"every {c.training.eval_steps} / {c.training.save_steps} steps, keep {c.training.save_total_limit}, "
+                f"best by {c.training.metric_for_best_model} ({'max' if c.greater_is_better else 'min'})",
+            ),
+            (
+                "DeepSpeed",
+                f"ZeRO-{self.zero_stage}"
+                + (" + CPU offload" if _offloads(self.deepspeed) else "")
+                + f" ({c.paths.deepspeed})",
+            ),
+            ("output", c.output.dir),
+        ]
+        width = max(len(k) for k, _ in rows)
+        lines = ["raytune_qvl run plan", *(f"  {k:<{width}}  {v}" for k, v in rows)]
+        lines += [f"  note: {n}" for n in self.notes]
+        lines.append("  DeepSpeed config (filled):")
+        lines += ["    " + line for line in json.dumps(self.deepspeed, indent=2).splitlines()]
+        return "\n".join(lines)
+
+
+def _offloads(ds: dict[str, Any]) -> bool:
+    zero = ds.get("zero_optimization") or {}
+    return any((zero.get(k) or {}).get("device") in ("cpu", "nvme") for k in ("offload_optimizer", "offload_param"))
+
+
+def make_plan(cfg: Config, num_samples: int | None = None) -> Plan:
+    """Derive every number of the run. `num_samples` defaults to the records in the file."""
+    t = cfg.training
+    world = cfg.ray.num_workers
+    n = count_records(cfg.data.train_path) if num_samples is None else num_samples
+    try:
+        per_epoch = batch_math.steps_per_epoch(n, t.per_device_train_batch_size, world, t.gradient_accumulation_steps)
+    except batch_math.BatchMathError as exc:
+        raise ConfigError([Problem(cfg.data.train_path, "data.train_path", str(exc), show_value=False)]) from None
+    total = batch_math.total_steps(
+        n, t.per_device_train_batch_size, world, t.gradient_accumulation_steps, t.num_epochs, t.max_steps
+    )
+    filled = fill_deepspeed(
+        cfg.deepspeed,
+        t,
+        cfg.environment,
+        world_size=world,
+        total_steps=total,
+        hidden_size=model_hidden_size(cfg.model.name),
+        source=cfg.paths.deepspeed or "DeepSpeed config",
+    )
+    return Plan(
+        cfg=cfg,
+        world_size=world,
+        num_samples=n,
+        effective_batch=batch_math.effective_batch(t.per_device_train_batch_size, world, t.gradient_accumulation_steps),
+        steps_per_epoch=per_epoch,
+        total_steps=total,
+        warmup_steps=filled.config.get("scheduler", {}).get("params", {}).get("warmup_num_steps", 0),
+        attention=resolve_attention(
+            cfg.model.attn_implementation, on_gpu=cfg.ray.use_gpu, dtype_name=cfg.model.torch_dtype
+        ),
+        deepspeed=filled.config,
+        notes=filled.notes,
+    )

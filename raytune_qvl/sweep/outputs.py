@@ -1,0 +1,121 @@
+"""What a finished sweep leaves on disk and prints: `best/` (ready-to-run configs, the command that
+reproduces the best trial, its adapter), adapters kept for the best trials only (sweeps must not
+fill the disk), and the table of the top trials."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from raytune_qvl.config.write import TRAINING_FILE, write_configs
+from raytune_qvl.sweep.context import Sweep
+from raytune_qvl.sweep.points import apply_to_config
+from raytune_qvl.sweep.records import TrialRecord, rank
+from raytune_qvl.sweep.space import EPOCHS_KEY, LR_KEY, RANK_KEY
+from raytune_qvl.sweep.trial import train_storage, trial_dir
+from raytune_qvl.train.outputs import BEST_DIR, FINAL_DIR
+
+__all__ = ["ranked", "write_best", "prune_checkpoints", "top_table"]
+
+log = logging.getLogger("raytune_qvl")
+
+_TABLE_KEYS = {
+    LR_KEY: "lr",
+    RANK_KEY: "r",
+    "lora.lora_alpha": "alpha",
+    "training.gradient_accumulation_steps": "accum",
+    EPOCHS_KEY: "epochs",
+}
+
+
+def ranked(sweep: Sweep) -> list[TrialRecord]:
+    """Every trained trial of the sweep with a value, best first."""
+    return rank(sweep.state.trained(), sweep.space.mode)
+
+
+def prune_checkpoints(sweep: Sweep) -> None:
+    """Sweeps must not fill the disk: engine checkpoints of finished trials go (they only
+    serve restarts), and adapters stay for the best `keep_best_adapters` trials only."""
+    keep = {r.trial_id for r in ranked(sweep)[: max(1, sweep.space.keep_best_adapters)]}  # best/ copies the best one's
+    storage = train_storage(sweep.space)
+    for rec in sweep.state.trained():
+        if "://" not in storage:
+            for ckpt in (Path(storage) / rec.trial_id).glob("checkpoint-*"):
+                shutil.rmtree(ckpt, ignore_errors=True)
+        if rec.trial_id not in keep:
+            for name in (FINAL_DIR, BEST_DIR):
+                shutil.rmtree(Path(trial_dir(str(sweep.dir), rec.trial_id)) / name, ignore_errors=True)
+
+
+def write_best(sweep: Sweep, best: TrialRecord) -> Path:
+    """Ready-to-run configs of the best trial, the command that reproduces it, its adapter."""
+    space, base = sweep.space, sweep.base
+    best_dir = sweep.dir / "best"
+    tmp = best_dir.with_name("best.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg = apply_to_config(base, best.overrides, space.source)
+    run_settings = {
+        "output.dir": str((best_dir / "run").absolute()),
+        "ray.num_workers": space.resources.workers_per_trial,
+        "ray.use_gpu": space.resources.use_gpu,
+        "training.metric_for_best_model": space.metric,
+        "training.greater_is_better": space.mode == "max",
+        "output.tracking_uri": sweep.state.tracking_uri,
+        "output.experiment_name": space.experiment,
+        "environment.deepspeed": str((best_dir / "ds_config.json").absolute()),
+    }
+    cfg = apply_to_config(cfg, run_settings, space.source)
+    header = f"Best trial {best.trial_id} of sweep {space.name} ({space.metric} {best.value:.6g})."
+    write_configs(cfg, base.deepspeed, tmp, header=header)
+    folder = best_dir.absolute()
+    command = (
+        f"python -m raytune_qvl.train --config {folder / TRAINING_FILE} "
+        f"--lora_config {folder / 'lora_config.yaml'} --deepspeed {folder / 'ds_config.json'}"
+    )
+    (tmp / "command.txt").write_text(command + "\n")
+    summary = {
+        "trial": best.trial_id,
+        "stage": best.stage,
+        "metric": space.metric,
+        "value": best.value,
+        "overrides": best.overrides,
+    }
+    (tmp / "best.json").write_text(json.dumps(summary, indent=2))
+    trial = Path(trial_dir(str(sweep.dir), best.trial_id))
+    # the trained adapter; for a trial ASHA stopped, the one at its best evaluation
+    adapter = next((d for d in (trial / FINAL_DIR, trial / BEST_DIR) if (d / "adapter_config.json").is_file()), None)
+    if adapter is not None:
+        shutil.copytree(adapter, tmp / "adapter")
+    else:
+        log.warning(
+            "trial %s left no adapter (its output folder is on another node?); best/ holds its configs only",
+            best.trial_id,
+        )
+    shutil.rmtree(best_dir, ignore_errors=True)
+    tmp.rename(best_dir)
+    return best_dir
+
+
+def top_table(sweep: Sweep, records: list[TrialRecord], counts: dict[str, int]) -> str:
+    """The best ten trials with their status, value and parameters."""
+    metric = sweep.space.metric
+    keys = [k for k in _TABLE_KEYS if any(k in r.overrides for r in records)]
+    header = f"{'#':>2}  {'trial':<22} {'stage':<28} {'status':<9} {metric:>10}  " + "  ".join(
+        f"{_TABLE_KEYS[k]:>8}" for k in keys
+    )
+    title = (
+        f"top trials ({counts['completed']} completed, {counts['stopped']} stopped by ASHA, {counts['failed']} failed):"
+    )
+    lines = ["", title, header]
+    for i, r in enumerate(records[:10], start=1):
+        values = "  ".join(_cell(r.overrides.get(k, "")) for k in keys)
+        lines.append(f"{i:>2}  {r.trial_id:<22} {r.stage:<28} {r.status:<9} {r.value:>10.4f}  {values}")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:>8.3g}" if isinstance(value, float) else f"{value:>8}"

@@ -1,0 +1,114 @@
+"""A sweep's plan before anything starts: how many trials run at once on these resources, and the
+`--dry-run` text (stages, trial counts, concurrency, and for every effective batch its
+accumulation and scaled learning rate). Pure: no Ray, torch or Optuna."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from raytune_qvl.config import batch_math
+from raytune_qvl.config.plan import count_records
+from raytune_qvl.config.schema import Config
+from raytune_qvl.errors import ConfigError, Problem
+from raytune_qvl.sweep.points import starting_batch, starting_point
+from raytune_qvl.sweep.space import EFFECTIVE_BATCH, LR_KEY, SearchSpace, grid, stages
+
+__all__ = ["concurrency_for", "dry_run", "local_gpus"]
+
+
+def concurrency_for(space: SearchSpace, cpus: float, gpus: float, *, trial_cpu: float = 0.0) -> int:
+    """Trials at once: how many trials' workers the cluster's CPUs (and GPUs) hold. On a
+    cluster we join, each trial's own process also takes `trial_cpu` (1); on a local cluster
+    the logical pool is sized for them instead, so only the workers count against the cores."""
+    r = space.resources
+    per_trial_cpu = r.workers_per_trial * r.cpus_per_worker + trial_cpu
+    n = max(1, math.floor(cpus / per_trial_cpu))
+    if r.use_gpu:
+        n = min(n, max(0, math.floor(gpus / (r.workers_per_trial * r.gpus_per_worker))))
+        if n == 0:
+            need = r.workers_per_trial * r.gpus_per_worker
+            raise ConfigError(
+                [
+                    Problem(
+                        space.source,
+                        "resources",
+                        f"a trial needs {need:g} GPUs; the cluster has {gpus:g}",
+                        show_value=False,
+                    )
+                ]
+            )
+    if r.max_concurrent_trials:
+        n = min(n, r.max_concurrent_trials)
+    return n
+
+
+def dry_run(space: SearchSpace, base: Config) -> str:
+    lines = [f"raytune_qvl sweep plan: {space.name} ({space.strategy}, {space.metric} {space.mode})"]
+    lines.append(f"  base: {space.base.config}  lora: {space.base.lora_config}  deepspeed: {base.paths.deepspeed}")
+    lines.append(f"  model: {base.model.name}; data: {count_records(base.data.train_path)} training records")
+    start = starting_point(space, base)
+    lines.append("  starting point: " + ", ".join(f"{k}={v}" for k, v in start.items()))
+    r = space.resources
+    if base.ray.address or os.environ.get("RAY_ADDRESS"):
+        conc = "from the cluster's resources at start"
+    else:
+        conc = str(concurrency_for(space, os.cpu_count() or 1, 0 if not r.use_gpu else local_gpus()))
+    lines.append(
+        f"  per trial: {r.workers_per_trial} worker(s) x {r.cpus_per_worker:g} CPU"
+        + (f" x {r.gpus_per_worker:g} GPU" if r.use_gpu else "")
+        + f"; concurrent trials: {conc}"
+    )
+    total = 0
+    for stage in stages(space):
+        domains = ", ".join(f"{k} in {domain_text(d)}" for k, d in stage.params.items())
+        finite = grid(stage.params)
+        cap = f" (at most {len(finite)} distinct)" if finite is not None else ""
+        lines.append(f"  {stage.label}: {stage.trials} trials{cap}: {domains}")
+        total += stage.trials if finite is None else min(stage.trials, len(finite))
+    lines.append(
+        f"  trials in all: up to {total}; ASHA on {space.asha.time_attr}, "
+        f"grace {space.asha.grace_period:g}, reduction {space.asha.reduction_factor:g}"
+    )
+    if EFFECTIVE_BATCH in space.parameters:
+        micro, workers = base.training.per_device_train_batch_size, r.workers_per_trial
+        ref = starting_batch(base, space)
+        lrs = space.parameters.get(LR_KEY)
+        lr_values = lrs.extremes() if lrs else [base.training.learning_rate]
+        lines.append(
+            f"  effective batch -> accumulation (micro {micro} x {workers} workers) "
+            f"and scaled learning rate (from batch {ref}):"
+        )
+        for b in space.parameters[EFFECTIVE_BATCH].extremes():
+            accum = batch_math.accumulation_for(int(b), micro, workers)
+            scaled = ", ".join(f"{batch_math.scale_lr(lr, int(b), ref):.3g}" for lr in lr_values)
+            note = (
+                f" x [{1 / (1 + space.lr_scaling.local_search):.2f}, {1 + space.lr_scaling.local_search:.2f}]"
+                if space.lr_scaling.local_search
+                else ""
+            )
+            rule = (
+                ""
+                if space.strategy == "staged" and space.lr_scaling.rule == "linear"
+                else " (not scaled: joint search or rule none)"
+            )
+            lines.append(f"    batch {int(b):>5}: accumulation {accum:>3}, lr {scaled}{note}{rule}")
+    lines.append(f"  output: {space.sweep_dir.absolute()}  storage: {space.storage_path}")
+    return "\n".join(lines)
+
+
+def domain_text(d: Any) -> str:
+    if d.choices is not None:
+        return "{" + ", ".join(f"{c:g}" if isinstance(c, float) else str(c) for c in d.choices) + "}"
+    return f"[{d.low:g}, {d.high:g}]" + (" log" if d.log else "") + (f" step {d.step:g}" if d.step else "")
+
+
+def local_gpus() -> int:
+    """CUDA devices on this machine (torch is imported only when GPUs are asked for)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0

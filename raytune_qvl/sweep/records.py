@@ -1,0 +1,75 @@
+"""What the sweep driver knows of each trial after its stage, and how trials are ranked. Pure: the
+records are plain data, kept in the sweep state file and rebuilt from it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from raytune_qvl.sweep.space import LR_FACTOR, LR_KEY, SearchSpace
+
+__all__ = ["TrialRecord", "StageOutcome", "point_key", "rank", "best_record", "last_value", "resolved_point"]
+
+
+def point_key(overrides: Mapping[str, Any]) -> tuple:
+    """A hashable identity of a trained configuration (floats to 10 significant digits).
+
+    >>> a = point_key({"lora.r": 8, "training.learning_rate": 0.00030000000001})
+    >>> a == point_key({"training.learning_rate": 3e-4, "lora.r": 8})
+    True
+    """
+    return tuple(sorted((k, float(f"{v:.10g}") if isinstance(v, float) else v) for k, v in overrides.items()))
+
+
+@dataclass
+class TrialRecord:
+    """One trial of a stage, as the sweep driver sees it after the stage."""
+
+    trial_id: str
+    stage: str
+    sampled: dict[str, Any]
+    overrides: dict[str, Any]
+    value: float | None
+    status: str  # completed | stopped | failed | reused (trained in an earlier stage: trial_id is that trial)
+    reason: str = ""
+    epoch: float = 0.0
+    samples_seen: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    point: dict[str, Any] = field(default_factory=dict)  # every searched parameter, fixed ones included
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    records: list[TrialRecord]
+    interrupted: bool = False
+
+
+def rank(records: Iterable[TrialRecord], mode: str) -> list[TrialRecord]:
+    """Scored records, best first; a trial trained to the end beats one ASHA stopped at the
+    same value. Failed trials and non-finite values are never ranked."""
+    scored = [r for r in records if r.value is not None and math.isfinite(r.value) and r.status != "failed"]
+    return sorted(scored, key=lambda r: ((r.value if mode == "min" else -r.value), r.status != "completed"))
+
+
+def best_record(records: Iterable[TrialRecord], mode: str) -> TrialRecord | None:
+    ranked = rank(records, mode)
+    return ranked[0] if ranked else None
+
+
+def last_value(history: list[dict[str, Any]], metric: str) -> float | None:
+    """A trial's value: its last report of the metric that is a number."""
+    for row in reversed(history):
+        value = row.get(metric)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            return float(value)
+    return None
+
+
+def resolved_point(space: SearchSpace, fixed: dict[str, Any], record: TrialRecord) -> dict[str, Any]:
+    """The best trial as parameter values, with the learning rate it actually trained with."""
+    point = {k: v for k, v in {**fixed, **record.sampled}.items() if k != LR_FACTOR}
+    if LR_KEY in record.overrides:
+        point[LR_KEY] = record.overrides[LR_KEY]
+    return {k: point[k] for k in space.parameters if k in point}

@@ -1,0 +1,234 @@
+"""The sweep, top to bottom: the documented priority order (learning rate, LoRA rank, effective
+batch, epochs) searched stage by stage, every trial a Ray Train run, one MLflow parent run with a
+child per trial, the best configuration written out, resumable.
+
+    run_sweep: folder and state -> tracking server -> pre-flight (once) -> MLflow parent run
+               -> Ray -> each stage: run_stage, its best carried forward -> best/, table, plots
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raytune_qvl.config.schema import Config
+from raytune_qvl.config.uris import default_tracking_uri
+from raytune_qvl.errors import ConfigError, Problem, UserError
+from raytune_qvl.sweep.context import Sweep
+from raytune_qvl.sweep.outputs import prune_checkpoints, ranked, top_table, write_best
+from raytune_qvl.sweep.plan import concurrency_for, local_gpus
+from raytune_qvl.sweep.points import starting_batch, starting_point
+from raytune_qvl.sweep.records import TrialRecord, best_record, resolved_point
+from raytune_qvl.sweep.space import EFFECTIVE_BATCH, SearchSpace, stages
+from raytune_qvl.sweep.state import STATE_FILE, SweepState
+from raytune_qvl.train.outputs import PREDICTIONS_FILE, make_dir, writable_dir_problem
+
+__all__ = ["run_sweep", "SweepResult", "SweepInterrupted"]
+
+log = logging.getLogger("raytune_qvl")
+
+
+class SweepInterrupted(UserError):
+    exit_code = 130
+
+
+@dataclass
+class SweepResult:
+    sweep_dir: Path
+    best: dict[str, Any] | None
+    trials: list[dict[str, Any]]
+    parent_run_id: str | None
+    tracking_uri: str | None
+
+
+def run_sweep(space: SearchSpace, base: Config, *, resume: bool = False, overwrite: bool = False) -> SweepResult:
+    from raytune_qvl.cluster import check_outputs_outside_job_dir, check_storage, ray_session
+    from raytune_qvl.track.runs import log_sweep_start
+    from raytune_qvl.track.tracker import check_server, connect
+    from raytune_qvl.train.preflight import preflight
+
+    uri = default_tracking_uri(space.mlflow.tracking_uri)
+    check_outputs_outside_job_dir(
+        [
+            (space.source, "output_dir", str(space.sweep_dir)),
+            (space.source, "storage_path", space.storage_path),
+            (space.source, "mlflow.tracking_uri", uri),
+        ]
+    )
+    state = _prepare_dir(space, resume=resume, overwrite=overwrite)
+    check_server(uri)  # before any data work or trial
+    prep_started = time.perf_counter()
+    pre = preflight(base)  # once per sweep: the trials read the prepared data from the cache
+    prep_seconds = time.perf_counter() - prep_started
+    _check_feasible(space, base, len(pre.train.items))
+    make_dir(space.sweep_dir, space.source, "output_dir")
+    tracker = connect(uri, space.experiment)
+    if state.parent_run_id and state.tracking_uri == uri and tracker.reopen(state.parent_run_id):
+        parent = state.parent_run_id
+        log.info("resuming sweep %s (MLflow parent run %s)", space.name, parent)
+    else:
+        parent = log_sweep_start(tracker, space, base, pre, prep_seconds)
+        state.parent_run_id, state.tracking_uri = parent, uri
+        state.save(space.sweep_dir / STATE_FILE)
+    sweep = Sweep(space, base, pre, state, tracker, parent, resume=resume)
+
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # log-step reports carry no eval metric
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    r = space.resources
+    joining = bool(base.ray.address or os.environ.get("RAY_ADDRESS"))
+    # a local cluster is sized for the trials its cores hold; a joined one is what it is
+    planned = 1 if joining else concurrency_for(space, os.cpu_count() or 1, local_gpus() if r.use_gpu else 0)
+    per_trial = 1 + r.workers_per_trial * r.cpus_per_worker  # the trial's own process + its workers
+    try:
+        with tracker.outcome(parent) as finished_tags:
+            with ray_session(base.ray.address, min_cpus=int(math.ceil(planned * per_trial))):
+                import ray
+
+                check_storage(space.storage_path, shared=space.shared_storage, source=space.source, key="storage_path")
+                if joining:
+                    resources = ray.cluster_resources()
+                    sweep.concurrency = concurrency_for(
+                        space, resources.get("CPU", 1), resources.get("GPU", 0), trial_cpu=1
+                    )
+                else:
+                    sweep.concurrency = planned
+                log.info("sweep %s: %d trial(s) at a time", space.name, sweep.concurrency)
+                _run_stages(sweep)
+            best = _finish(sweep, finished_tags)
+    except KeyboardInterrupt:
+        hint = f"sweep interrupted; continue it with: python -m raytune_qvl.sweep {space.source} --resume"
+        raise SweepInterrupted([hint]) from None
+    state.finished = True
+    sweep.save_state()
+    return SweepResult(space.sweep_dir, best, state.trials, parent, uri)
+
+
+def _prepare_dir(space: SearchSpace, *, resume: bool, overwrite: bool) -> SweepState:
+    """The sweep's state: new, or the one to resume; refuses to silently start over."""
+    path = space.sweep_dir / STATE_FILE
+    local_storage = "://" not in space.storage_path
+    if overwrite:
+        shutil.rmtree(space.sweep_dir, ignore_errors=True)
+        if local_storage:
+            shutil.rmtree(space.tune_storage, ignore_errors=True)
+    if path.exists() and not overwrite:
+        state = SweepState.load(path)
+        if not resume:
+            done = "finished" if state.finished else "interrupted"
+            rule = (
+                f"a sweep named {space.name!r} already exists here ({done}); "
+                "pass --resume to continue it or --overwrite to start over"
+            )
+            raise ConfigError([Problem(str(space.sweep_dir), "name", rule, show_value=False)])
+        return state
+    if resume:
+        rule = "no sweep to resume here; run without --resume to start it"
+        raise ConfigError([Problem(str(space.sweep_dir), "--resume", rule, show_value=False)])
+    stale = Path(space.tune_storage)
+    if local_storage and stale.exists() and any(stale.iterdir()):
+        rule = (
+            f"{stale} already holds a sweep named {space.name!r} (another output_dir?): "
+            "rename this one or pass --overwrite"
+        )
+        raise ConfigError([Problem(space.source, "storage_path", rule, show_value=False)])
+    problem = writable_dir_problem(space.sweep_dir)
+    if problem:
+        rule = f"cannot write {space.sweep_dir}: {problem}; choose another output_dir"
+        raise ConfigError([Problem(space.source, "output_dir", rule, show_value=False)])
+    return SweepState(name=space.name)
+
+
+def _check_feasible(space: SearchSpace, base: Config, num_samples: int) -> None:
+    """The largest effective batch must fit the data at least once per epoch."""
+    if EFFECTIVE_BATCH in space.parameters:
+        batches = [int(b) for b in space.parameters[EFFECTIVE_BATCH].extremes()]
+    else:
+        batches = [starting_batch(base, space)]
+    if max(batches) > num_samples:
+        rule = f"effective batch {max(batches)} is larger than the {num_samples} usable training samples"
+        raise ConfigError([Problem(space.source, f"parameters.{EFFECTIVE_BATCH}", rule, max(batches))])
+
+
+def _run_stages(sweep: Sweep) -> None:
+    """Each stage searches its parameters with the rest fixed at the best so far; the best of a
+    stage (the incumbent included: a stage that finds nothing better keeps it) carries forward."""
+    from raytune_qvl.sweep.stage import run_stage
+
+    space, state = sweep.space, sweep.state
+    fixed = starting_point(space, sweep.base)
+    lr_batch = starting_batch(sweep.base, space)
+    incumbent: TrialRecord | None = None
+    for stage in stages(space):
+        done = state.stages.get(stage.label, {})
+        if done.get("status") == "done":
+            fixed.update(done["best"])
+            lr_batch = int(fixed.get(EFFECTIVE_BATCH, lr_batch))
+            trained = {r.trial_id: r for r in state.trained()}
+            incumbent = trained.get(done["trial"], incumbent)
+            log.info("%s: already done (best %s = %s)", stage.label, space.metric, done.get("value"))
+            continue
+        held = _fmt_point({k: v for k, v in fixed.items() if k not in stage.params}, "g")
+        print(f"\n=== {stage.label}: {stage.trials} trials over {', '.join(stage.params)} (fixed: {held})", flush=True)
+        restore = sweep.resume and done.get("status") == "running"  # continue its Tune experiment
+        state.stages[stage.label] = {"status": "running"}
+        sweep.save_state()
+        outcome = run_stage(sweep, stage, fixed, lr_batch, incumbent, restore=restore)
+        state.set_stage_records(stage.label, outcome.records)
+        sweep.save_state()
+        if outcome.interrupted:
+            raise KeyboardInterrupt
+        best = best_record(outcome.records + ([incumbent] if incumbent else []), space.mode)
+        if best is None:
+            raise UserError([f"{stage.label}: every trial failed; see the failed runs' raytune_qvl.reason in MLflow"])
+        if best is not incumbent:
+            fixed.update(resolved_point(space, fixed, best))
+            lr_batch = int(fixed.get(EFFECTIVE_BATCH, lr_batch))
+            incumbent = best
+        best_point = {k: fixed[k] for k in space.parameters if k in fixed}
+        state.stages[stage.label] = {"status": "done", "best": best_point, "value": best.value, "trial": best.trial_id}
+        sweep.save_state()
+        from raytune_qvl.track.runs import log_stage_best
+
+        log_stage_best(
+            sweep.tracker, sweep.parent, stage.label, stage.index, space.metric, best.value, best_point, best.trial_id
+        )
+        prune_checkpoints(sweep)
+        kept = " (the incumbent: nothing better found)" if best.stage != stage.label else ""
+        found = f"best {space.metric} {best.value:.4f} from {best.trial_id}{kept}"
+        print(f"=== {stage.label}: {found} ({_fmt_point(best_point)})", flush=True)
+
+
+def _fmt_point(point: dict[str, Any], float_format: str = ".3g") -> str:
+    return ", ".join(f"{k}={v:{float_format}}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
+
+
+def _finish(sweep: Sweep, finished_tags: dict[str, Any]) -> dict[str, Any]:
+    """best/, pruning, the parent run's results and plots, the table and the way to the UI."""
+    from raytune_qvl.sweep.trial import trial_dir
+    from raytune_qvl.track.runs import log_sweep_result
+    from raytune_qvl.track.tracker import TAG_BEST_TRIAL
+
+    space = sweep.space
+    records = ranked(sweep)
+    if not records:
+        raise UserError(["every trial failed; see the child runs' raytune_qvl.reason in MLflow"])
+    best = records[0]
+    best_dir = write_best(sweep, best)
+    prune_checkpoints(sweep)
+    counts = sweep.state.counts()
+    predictions = Path(trial_dir(str(sweep.dir), best.trial_id)) / "best" / PREDICTIONS_FILE
+    log_sweep_result(sweep.tracker, sweep.parent, space, sweep.state, best, best_dir, predictions, counts)
+    finished_tags[TAG_BEST_TRIAL] = best.trial_id
+    print(top_table(sweep, records, counts))
+    print(f"\nbest {space.metric} {best.value:.4f}: trial {best.trial_id} ({best.stage})")
+    print(f"  configs: {best_dir}")
+    print(f"  reproduce: {(best_dir / 'command.txt').read_text().strip()}")
+    print(f"  MLflow parent run {sweep.parent} in {sweep.tracker.uri}")
+    print(f"  open the UI: python -m raytune_qvl.ui --tracking_uri {sweep.tracker.uri}")
+    return {"trial": best.trial_id, "value": best.value, "overrides": best.overrides, "dir": str(best_dir)}

@@ -1,0 +1,190 @@
+"""One stage of a sweep: a Ray Tune `Tuner` over the stage's parameters (the rest fixed at the best
+so far), its searcher, scheduler and MLflow callback, a Ctrl-C watch, and the stage's trials as
+records — points trained in an earlier stage count as candidates without being trained again."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+from raytune_qvl.errors import trial_error
+from raytune_qvl.sweep.context import Sweep
+from raytune_qvl.sweep.points import PointResolver
+from raytune_qvl.sweep.records import StageOutcome, TrialRecord, last_value, point_key
+from raytune_qvl.sweep.search import make_scheduler, make_searcher, max_budget
+from raytune_qvl.sweep.space import Stage, grid
+from raytune_qvl.sweep.trial import run_trial, trial_dir
+
+__all__ = ["run_stage"]
+
+
+def run_stage(
+    sweep: Sweep, stage: Stage, fixed: dict[str, Any], lr_batch: int, incumbent: TrialRecord | None, *, restore: bool
+) -> StageOutcome:
+    """Run the stage (or, with `restore`, continue its interrupted Tune experiment) and return its
+    trials as records."""
+    from ray import tune
+
+    from raytune_qvl.track.trials import SweepTracking
+
+    space, base = sweep.space, sweep.base
+    experiment = f"{space.tune_storage}/{stage.label}"
+    held = {k: v for k, v in fixed.items() if k not in stage.params}
+    resolver = PointResolver(space.model_dump(mode="json"), base.model_dump(mode="json"), held, lr_batch)
+    # configurations trained in earlier stages: key -> (value, the trial that trained it)
+    known = {
+        point_key(t["overrides"]): (t["value"], t["trial_id"])
+        for t in sweep.state.trials
+        if t["status"] not in ("failed", "reused")
+    }
+    context = {
+        "space": resolver.space,
+        "base": resolver.base,
+        "fixed": resolver.fixed,
+        "lr_batch": lr_batch,
+        "num_samples": sweep.num_samples,
+        "sweep_dir": str(sweep.dir.absolute()),
+    }
+    trainable = tune.with_parameters(run_trial, context=context)
+
+    if restore and tune.Tuner.can_restore(experiment):
+        # the searcher (with its Optuna study) and the MLflow callback come back from the experiment
+        tuner = tune.Tuner.restore(
+            experiment,
+            trainable=tune.with_resources(trainable, {"CPU": 1}),
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
+        )
+    else:
+        predictions = str(Path(trial_dir(str(sweep.dir.absolute()), "{trial_id}")) / "best" / "predictions.json")
+        tracking = SweepTracking(
+            sweep.tracker.uri, space.experiment, sweep.parent, stage.label, resolver.describe, predictions
+        )
+        searcher = make_searcher(
+            space,
+            stage,
+            resolver,
+            {key: value for key, (value, _) in known.items()},
+            (sweep.dir / "optuna.db").absolute(),
+        )
+        scheduler = make_scheduler(space, max_budget(space, base, stage, fixed, sweep.num_samples))
+        tuner = _tuner(trainable, stage, sweep, searcher, scheduler, [tracking])
+
+    watch = _InterruptWatch()
+    results = watch.run(tuner.fit)
+    records = _records(stage, results, resolver, space.metric)
+    # points of this stage's space trained in an earlier stage count as its candidates without
+    # being trained again (the incumbent is already a candidate of every stage)
+    skip = {point_key(r.overrides) for r in records} | ({point_key(incumbent.overrides)} if incumbent else set())
+    for sampled in grid(stage.params) or []:
+        overrides = resolver.overrides(sampled)
+        key = point_key(overrides)
+        value, trial_id = known.get(key, (None, None))
+        if value is not None and key not in skip:
+            skip.add(key)
+            point = resolver.point(sampled)
+            records.append(TrialRecord(trial_id, stage.label, dict(sampled), overrides, value, "reused", point=point))
+    return StageOutcome(stage.label, records, interrupted=watch.interrupted or _unfinished(results))
+
+
+def _tuner(trainable: Any, stage: Stage, sweep: Sweep, searcher: Any, scheduler: Any, callbacks: list[Any]) -> Any:
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    space = sweep.space
+    return tune.Tuner(
+        tune.with_resources(trainable, {"CPU": 1}),
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=sweep.concurrency),
+            scheduler=scheduler,
+            num_samples=stage.trials,
+            metric=space.metric,
+            mode=space.mode,
+        ),
+        run_config=tune.RunConfig(
+            name=stage.label,
+            storage_path=space.tune_storage,
+            callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            verbose=1,
+        ),
+    )
+
+
+class _InterruptWatch:
+    """Tune catches Ctrl-C itself, saves the experiment and returns normally; its handler
+    restores the one it replaced, which is how we learn the stage was interrupted."""
+
+    def __init__(self) -> None:
+        self.interrupted = False
+
+    def _marker(self, signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    def run(self, fn: Any) -> Any:
+        previous = signal.getsignal(signal.SIGINT)
+        marker = self._marker  # one bound-method object, so the identity test below holds
+        signal.signal(signal.SIGINT, marker)
+        try:
+            result = fn()
+            self.interrupted = signal.getsignal(signal.SIGINT) is marker
+            return result
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _unfinished(results: Any) -> bool:
+    trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None) or []
+    return any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+
+
+def _records(stage: Stage, results: Any, resolver: PointResolver, metric: str) -> list[TrialRecord]:
+    """The stage's Tune results as records: status, value (the last reported metric), budget reached."""
+    analysis = getattr(results, "_experiment_analysis", None)
+    trials = {t.trial_id: t for t in (getattr(analysis, "trials", None) or [])}
+    out = []
+    for result in results:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or (Path(result.path).name if result.path else "?")
+        trial = trials.get(trial_id)
+        sampled = dict(result.config or {})
+        history = []
+        df = result.metrics_dataframe
+        if df is not None and len(df):
+            cols = [
+                c
+                for c in df.columns
+                if c in ("step", "epoch", "samples_seen", "loss", "eval_loss") or c.startswith("eval_")
+            ]
+            history = df[cols].to_dict("records")
+        if result.error is not None:
+            status = "failed"
+            reason = trial_error(trial) if trial is not None else str(result.error).splitlines()[-1][:500]
+            value = None
+        else:
+            status = "completed" if metrics.get("finished") else "stopped"
+            reason = "" if status == "completed" else f"stopped by ASHA at epoch {metrics.get('epoch', 0):.2f}"
+            value = last_value(history, metric)
+        try:
+            overrides = resolver.overrides(sampled)
+        except Exception:  # noqa: BLE001 - a point that could not even be built
+            overrides = {}
+        epoch, samples = float(metrics.get("epoch", 0) or 0), int(metrics.get("samples_seen", 0) or 0)
+        out.append(
+            TrialRecord(
+                trial_id,
+                stage.label,
+                sampled,
+                overrides,
+                value,
+                status,
+                reason,
+                epoch,
+                samples,
+                history,
+                resolver.point(sampled),
+            )
+        )
+    return out

@@ -1,0 +1,47 @@
+"""The sweep state file: what a resumed sweep needs (the MLflow parent run, finished stages and
+their bests, every trial record so far), written atomically after every change."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raytune_qvl.sweep.records import TrialRecord
+
+__all__ = ["STATE_FILE", "SweepState"]
+
+STATE_FILE = "sweep_state.json"  # in <output_dir>/<name>/
+
+
+@dataclass
+class SweepState:
+    name: str
+    tracking_uri: str | None = None
+    parent_run_id: str | None = None
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> {status, best, value, trial}
+    trials: list[dict[str, Any]] = field(default_factory=list)  # every trial record so far
+    finished: bool = False
+
+    @classmethod
+    def load(cls, path: Path) -> "SweepState":
+        return cls(**json.loads(path.read_text()))
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1, default=str))
+        tmp.replace(path)
+
+    def records(self) -> list[TrialRecord]:
+        return [TrialRecord(**t) for t in self.trials]
+
+    def trained(self) -> list[TrialRecord]:
+        """The records of trials that ran (a reused record points at a trial of an earlier stage)."""
+        return [r for r in self.records() if r.status != "reused"]
+
+    def set_stage_records(self, stage: str, records: list[TrialRecord]) -> None:
+        self.trials = [t for t in self.trials if t["stage"] != stage] + [asdict(r) for r in records]
+
+    def counts(self) -> dict[str, int]:
+        return {s: sum(1 for t in self.trials if t["status"] == s) for s in ("completed", "stopped", "failed")}

@@ -1,0 +1,144 @@
+"""What a run and a sweep log to MLflow besides their metrics: params (the flattened resolved
+config and derived numbers), the resolved config files, the data audit, the label-mask view and
+the predictions table. Written from the driver (one writer) through the Tracker."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from raytune_qvl.config.overrides import flatten
+from raytune_qvl.config.write import write_configs
+from raytune_qvl.track.tracker import TAG_KIND, TAG_STRATEGY, Tracker
+from raytune_qvl.track.views import label_mask_html, predictions_html
+
+__all__ = ["log_inputs", "log_audit", "log_predictions", "log_sweep_start", "log_stage_best", "log_sweep_result"]
+
+log = logging.getLogger("raytune_qvl")
+
+
+def log_inputs(tracker: Tracker, run_id: str, cfg: Any, pre: Any) -> None:
+    """Params (the flattened resolved config), resolved config files, the filled DeepSpeed
+    JSON, the data audit (metrics + artifact) and the label-mask view. `pre`: the run's Preflight."""
+    params = flatten({**cfg.training_dict(), **cfg.lora_dict()})
+    params.update(
+        {
+            "derived.world_size": pre.plan.world_size,
+            "derived.effective_batch_size": pre.plan.effective_batch,
+            "derived.total_steps": pre.plan.total_steps,
+            "derived.warmup_steps": pre.plan.warmup_steps,
+            "derived.zero_stage": pre.plan.zero_stage,
+            "derived.lora_scale": cfg.lora.lora_alpha / cfg.lora.r,
+        }
+    )
+    tracker.log_params(run_id, params)
+    folder = Path(tempfile.mkdtemp(prefix="raytune_qvl-config-"))
+    write_configs(cfg, pre.plan.deepspeed, folder)
+    tracker.log_artifact(run_id, folder, "config")
+    shutil.rmtree(folder, ignore_errors=True)
+    log_audit(tracker, run_id, pre)
+    n = cfg.evaluation.label_mask_samples
+    if n:
+        tokenizer, image_token = pre.processor.tokenizer, pre.processor.image_token_id
+        html = label_mask_html(pre.train.items[:n], tokenizer, image_token, "Label mask: training samples")
+        tracker.log_text(run_id, html, "data/label_mask.html")
+
+
+def log_audit(tracker: Tracker, run_id: str, pre: Any) -> None:
+    """The data audit of every split: metrics at step 0, data/audit.json and data/audit.txt."""
+    audits = {"train": pre.train.audit} | ({"eval": pre.eval.audit} if pre.eval is not None else {})
+    for split, audit in audits.items():
+        tracker.log_metrics(run_id, audit.metrics(f"data_{split}"), step=0)
+    tracker.log_dict(run_id, {split: a.to_dict() for split, a in audits.items()}, "data/audit.json")
+    tracker.log_text(run_id, "\n".join(a.format() for a in audits.values()) + "\n", "data/audit.txt")
+
+
+def log_predictions(tracker: Tracker, run_id: str, predictions: Path) -> None:
+    """The eval samples at the best checkpoint (image, reference, prediction, error) as an
+    MLflow table and an HTML page, when generation eval wrote `predictions`."""
+    if not predictions.is_file():
+        return
+    data = json.loads(predictions.read_text())
+    rows = data["rows"]
+    page = predictions_html(rows, data["task"], data.get("step"), "Predictions at the best checkpoint")
+    tracker.log_text(run_id, page, "eval/predictions.html")
+    tracker.log_table(run_id, [_table_row(r) for r in rows], "eval/predictions_table.json")
+
+
+def _table_row(row: dict[str, Any]) -> dict[str, Any]:
+    import mlflow
+    from PIL import Image
+
+    out = {k: row[k] for k in ("id", "reference", "prediction", "error")}
+    if row.get("image") and Path(row["image"]).is_file():
+        with Image.open(row["image"]) as img:
+            out["image"] = mlflow.Image(img.convert("RGB"))
+    return out
+
+
+# ----------------------------------------------------------------------------- a sweep's parent run
+
+
+def log_sweep_start(tracker: Tracker, space: Any, base: Any, pre: Any, prep_seconds: float) -> str:
+    """A sweep's parent run: how it searches, the search-space file, the data audit. Returns its id."""
+    parent = tracker.start_run(space.name, {TAG_KIND: "sweep", TAG_STRATEGY: space.strategy})
+    params = {
+        "strategy": space.strategy,
+        "metric": space.metric,
+        "mode": space.mode,
+        "parameters": ", ".join(space.parameters),
+        "asha.time_attr": space.asha.time_attr,
+        "asha.grace_period": space.asha.grace_period,
+        "asha.reduction_factor": space.asha.reduction_factor,
+        "workers_per_trial": space.resources.workers_per_trial,
+        "model": base.model.name,
+        "seed": space.seed,
+    }
+    tracker.log_params(parent, params)
+    tracker.log_artifact(parent, space.source, "search_space")
+    log_audit(tracker, parent, pre)
+    tracker.log_metrics(parent, {"data_prep_seconds": prep_seconds}, step=0)
+    return parent
+
+
+def log_stage_best(
+    tracker: Tracker, parent: str, label: str, index: int, metric: str, value: float, point: dict[str, Any], trial: str
+) -> None:
+    """A finished stage's best value (metric best_<metric> at step = stage index) and point."""
+    tracker.log_metrics(parent, {f"best_{metric}": value}, step=index)
+    tracker.log_params(parent, {f"{label}.best.{k}": v for k, v in point.items()} | {f"{label}.best_trial": trial})
+
+
+def log_sweep_result(
+    tracker: Tracker,
+    parent: str,
+    space: Any,
+    state: Any,
+    best: Any,
+    best_dir: Path,
+    predictions: Path,
+    counts: dict[str, int],
+) -> None:
+    """The sweep's best (value, params, best/ folder, predictions), the trial counts, the summary
+    and the pictures. `state`: the SweepState; `best`: the best TrialRecord."""
+    from raytune_qvl.track.plots import log_sweep_plots
+
+    metrics = {
+        f"best_{space.metric}": best.value,
+        "trials_completed": counts["completed"],
+        "trials_stopped": counts["stopped"],
+        "trials_failed": counts["failed"],
+    }
+    tracker.log_metrics(parent, metrics, step=len(state.stages) + 1)
+    tracker.log_params(parent, {f"best.{k}": v for k, v in best.overrides.items()} | {"best.trial": best.trial_id})
+    tracker.log_artifact(parent, best_dir, "best")
+    log_predictions(tracker, parent, predictions)
+    tracker.log_dict(parent, {"stages": state.stages, "trials": state.trials}, "sweep_summary.json")
+    try:
+        log_sweep_plots(tracker, parent, space, state.records())
+    except Exception as exc:  # noqa: BLE001 - a plot must not fail a finished sweep
+        log.warning("sweep plots failed: %s", exc)

@@ -1,0 +1,127 @@
+"""Open the project's MLflow store in the MLflow UI, on 127.0.0.1 unless told otherwise.
+
+Run as: python -m raytune_qvl.ui [--tracking_uri sqlite:////abs/mlflow.db] [--port 5000] [--host 127.0.0.1]
+
+Lean server settings: one worker and no job execution (~6 s to start, ~550 MB, instead of
+~18 s and ~2.4 GB with MLflow's defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from typing import Sequence
+
+from raytune_qvl import runtime
+from raytune_qvl.errors import ConfigError, Problem, run_cli
+
+__all__ = ["server_command", "server_env", "serve", "main"]
+
+log = logging.getLogger("raytune_qvl")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def server_command(tracking_uri: str, host: str, port: int, workers: int = 1) -> list[str]:
+    """The `mlflow server` command line for a store (a database URI or a file store)."""
+    mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or shutil.which("mlflow") or "mlflow"
+    return [
+        mlflow,
+        "server",
+        "--backend-store-uri",
+        tracking_uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
+
+
+def server_env() -> dict[str, str]:
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from raytune_qvl.config.uris import default_tracking_uri, local_store_path, redact
+
+    parser = argparse.ArgumentParser(
+        prog="python -m raytune_qvl.ui", description="Open the MLflow UI on the project's tracking store."
+    )
+    parser.add_argument(
+        "--tracking_uri", default=None, help="default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args(argv)
+    runtime.setup_logging()
+
+    def run() -> None:
+        uri = default_tracking_uri(args.tracking_uri)
+        if uri.startswith(("http://", "https://")):
+            raise ConfigError(
+                [
+                    Problem(
+                        "command line",
+                        "--tracking_uri",
+                        f"{redact(uri)} is already a tracking server: open it in a browser",
+                        show_value=False,
+                    )
+                ]
+            )
+        if uri.startswith("sqlite:///") and not local_store_path(uri).exists():
+            raise ConfigError(
+                [
+                    Problem(
+                        "command line",
+                        "--tracking_uri",
+                        f"no MLflow store at {uri}: run a training or a sweep first, or pass --tracking_uri",
+                        show_value=False,
+                    )
+                ]
+            )
+        if args.host not in LOOPBACK:
+            log.warning(
+                "binding the MLflow UI to %s: anyone who reaches this machine on port %d can read and change your runs",
+                args.host,
+                args.port,
+            )
+        shown = "localhost" if args.host in LOOPBACK else args.host
+        print(f"MLflow UI for {redact(uri)} at http://{shown}:{args.port} (Ctrl-C to stop)", flush=True)
+        serve(server_command(uri, args.host, args.port, args.workers))
+
+    run_cli(run)
+
+
+def serve(command: list[str]) -> int:
+    """Run the server in its own process group and take the whole group down with us: `mlflow
+    server` starts a uvicorn child that would outlive a plain terminate."""
+    proc = subprocess.Popen(command, env=server_env(), start_new_session=True)
+
+    def stop() -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, lambda s, f: (stop(), sys.exit(143)))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        stop()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Checkpoint folders: the adapter (loadable by peft), the DeepSpeed engine state (optimizer,
+scheduler; frozen base weights excluded), the data position and every rank's RNG state.
+
+    checkpoint-000016/
+      adapter/               adapter_config.json + adapter_model.safetensors (rank 0)
+      state/                 DeepSpeed engine + ZeRO optimizer shards (every rank its own)
+      trainer_state.json     step, epoch, position in the epoch, samples seen, best metric
+      rng_state_<rank>.pt    python, numpy, torch (and CUDA) generators
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "TrainState",
+    "ADAPTER_DIR",
+    "STATE_FILE",
+    "save_checkpoint",
+    "load_checkpoint",
+    "save_adapter",
+    "latest_local_checkpoint",
+    "prune_local_checkpoints",
+]
+
+ADAPTER_DIR = "adapter"
+STATE_FILE = "trainer_state.json"
+ENGINE_TAG = "state"
+
+
+@dataclass
+class TrainState:
+    global_step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch (0-based)
+    micro_batch: int = 0  # micro-batches of this epoch already trained (on every worker)
+    samples_seen: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals: int = 0  # evaluations run (generation eval runs every N-th)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "TrainState":
+        return cls(**json.loads(path.read_text()))
+
+
+def _rng_state() -> dict[str, Any]:
+    """Generator states as tensors and plain values, so they load with weights_only=True."""
+    import numpy as np
+    import torch
+
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_adapter(engine: Any, directory: Path, lora_state: dict[str, Any]) -> None:
+    """Write a peft adapter folder from an already gathered state dict (rank 0 only)."""
+    engine.module.save_pretrained(str(directory), state_dict=lora_state, safe_serialization=True)
+
+
+def save_checkpoint(engine: Any, directory: Path, state: TrainState, *, rank: int, lora_state: dict[str, Any]) -> None:
+    """Every rank calls this together (DeepSpeed writes its own shard on each)."""
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(directory), tag=ENGINE_TAG, exclude_frozen_parameters=True)
+    torch.save(_rng_state(), directory / f"rng_state_{rank}.pt")
+    if rank == 0:
+        save_adapter(engine, directory / ADAPTER_DIR, lora_state)
+        (directory / STATE_FILE).write_text(state.to_json())
+
+
+def load_checkpoint(engine: Any, directory: Path, *, rank: int) -> TrainState:
+    import torch
+
+    engine.load_checkpoint(
+        str(directory),
+        tag=ENGINE_TAG,
+        load_module_strict=False,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
+    rng = directory / f"rng_state_{rank}.pt"
+    if rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=True))
+    return TrainState.from_file(directory / STATE_FILE)
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def latest_local_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under root (one whose trainer_state.json was written)."""
+    done = [p for p in root.glob("checkpoint-*") if (p / STATE_FILE).exists()]
+    return max(done, key=_step_of) if done else None
+
+
+def prune_local_checkpoints(root: Path, keep: int) -> None:
+    done = sorted((p for p in root.glob("checkpoint-*") if (p / STATE_FILE).exists()), key=_step_of)
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

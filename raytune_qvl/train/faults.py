@@ -1,0 +1,89 @@
+"""Fault injection for the fault suite, at named optimizer steps (never on a timer), through
+environment variables that reach every Ray worker (the trainer passes RAYTUNE_QVL_* on):
+
+    RAYTUNE_QVL_FAULT_NAN="section.key=value"
+        the loss is NaN from optimizer step 2 in every run whose config has that value
+        (e.g. one trial of a sweep)
+    RAYTUNE_QVL_FAULT_PAUSE="STEP" | "section.key=value@STEP"
+        after optimizer step STEP (and its report and checkpoint, where it has them), every
+        worker stops there and waits; rank 0 prints PAUSED_MESSAGE. A test can then interrupt the
+        run or kill a worker knowing exactly where it stands, however slowly the machine or the
+        reader of its output runs
+    RAYTUNE_QVL_FAULT_KILL="STEP[,STEP...]" | "section.key=value@STEP[,STEP...]"
+        the last worker kills itself (SIGKILL) right after optimizer step STEP (and its report)
+
+A spec that names a config value applies only to runs (trials) with that value. Each pause and
+kill happens once per run: a marker in <output.dir>/.faults/ remembers it, so the run resumed
+after it (a restarted worker group, a rerun of the same command) goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from raytune_qvl.config.overrides import flatten
+from raytune_qvl.config.schema import Config
+
+__all__ = ["FAULT_NAN_ENV", "FAULT_PAUSE_ENV", "FAULT_KILL_ENV", "PAUSED_MESSAGE", "nan_fault", "Faults"]
+
+FAULT_NAN_ENV = "RAYTUNE_QVL_FAULT_NAN"
+FAULT_PAUSE_ENV = "RAYTUNE_QVL_FAULT_PAUSE"
+FAULT_KILL_ENV = "RAYTUNE_QVL_FAULT_KILL"
+PAUSED_MESSAGE = "fault injection: paused at optimizer step"
+
+
+def _has(cfg: Config, assignment: str) -> bool:
+    """Whether `section.key=value` holds in this run's config (numbers compared as numbers)."""
+    key, _, value = assignment.partition("=")
+    have = flatten({**cfg.training_dict(), **cfg.lora_dict()}).get(key)
+    try:
+        return have is not None and float(have) == float(value)
+    except (TypeError, ValueError):
+        return str(have) == value
+
+
+def nan_fault(cfg: Config) -> bool:
+    spec = os.environ.get(FAULT_NAN_ENV)
+    return bool(spec) and "=" in spec and _has(cfg, spec)
+
+
+def _steps(cfg: Config, env: str) -> set[int]:
+    spec = os.environ.get(env)
+    if not spec:
+        return set()
+    assignment, _, steps = spec.rpartition("@")
+    if assignment and not _has(cfg, assignment):
+        return set()
+    return {int(s) for s in steps.split(",") if s.strip()}
+
+
+class Faults:
+    """The pauses and kills planned for this worker of this run."""
+
+    def __init__(self, cfg: Config, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.folder = Path(cfg.output.dir) / ".faults"
+        self.pauses = _steps(cfg, FAULT_PAUSE_ENV)
+        self.kills = _steps(cfg, FAULT_KILL_ENV) if rank == world_size - 1 else set()
+
+    def _first_time(self, kind: str, step: int) -> bool:
+        """True once per run for this kind, step and rank (the marker is made here)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(self.folder / f"{kind}-{step}-rank{self.rank}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
+
+    def after_report(self, step: int) -> None:
+        if step in self.kills and self._first_time("kill", step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step in self.pauses and self._first_time("pause", step):
+            if self.rank == 0:
+                print(f"{PAUSED_MESSAGE} {step}", file=sys.stderr, flush=True)
+            while True:  # until the process is interrupted or killed
+                time.sleep(0.5)

@@ -1,0 +1,271 @@
+"""The training loop: a plain function, runnable with or without Ray.
+
+    loss = engine(**batch).loss; engine.backward(loss); engine.step()
+
+then, on visible conditions at optimizer-step boundaries: log, evaluate, checkpoint, report.
+What it works with is built by `session.setup`; where metrics and checkpoints go is the
+session's `Reporter`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from raytune_qvl.config.schema import Config
+from raytune_qvl.config.write import write_configs
+from raytune_qvl.train import faults
+from raytune_qvl.train.checkpoint import save_adapter, save_checkpoint
+from raytune_qvl.train.engine import WorkerContext, all_reduce_max, all_reduce_sum, barrier, gathered_lora_state
+from raytune_qvl.train.outputs import BEST_DIR, COMPLETE_MARKER, DIVERGED_FILE, FINAL_DIR, replace_dir
+from raytune_qvl.train.session import Reporter, Session, setup
+
+__all__ = ["train", "run", "evaluate_loss"]
+
+log = logging.getLogger("raytune_qvl")
+
+
+@contextmanager
+def _staging(name: str) -> Iterator[Path]:
+    """A fresh local folder to write a checkpoint into before it is reported."""
+    root = Path(tempfile.mkdtemp(prefix="raytune_qvl-ckpt-"))
+    try:
+        yield root / name
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_loss(engine: Any, dataset: Any, collator: Any, ctx: WorkerContext, batch_size: int) -> float:
+    """Token-weighted mean loss over the whole eval set, combined over all workers.
+
+    Every worker runs the same number of forward passes (padding its share with masked
+    repeats): under ZeRO-3 a forward gathers parameters collectively and must not be skipped.
+    """
+    import torch
+
+    n = len(dataset)
+    mine = list(range(ctx.rank, n, ctx.world_size))
+    per_worker = math.ceil(n / ctx.world_size)
+    mine += [-1] * (per_worker - len(mine))  # -1: padding, its labels masked out
+    loss_sum, tokens = 0.0, 0.0
+    engine.eval()
+    with torch.no_grad():
+        for start in range(0, per_worker, batch_size):
+            chunk = mine[start : start + batch_size]
+            samples = [dataset[i if i >= 0 else 0] for i in chunk]
+            for sample, i in zip(samples, chunk):
+                if i < 0:
+                    sample["labels"] = torch.full_like(sample["labels"], -100)
+            batch = _to_device(collator(samples), engine.device)
+            count = float((batch["labels"][:, 1:] != -100).sum())
+            out = engine(**batch)
+            if count > 0:
+                loss_sum += float(out.loss.float()) * count
+                tokens += count
+    engine.train()
+    loss_sum, tokens = all_reduce_sum([loss_sum, tokens], engine.device)
+    return loss_sum / max(tokens, 1.0)
+
+
+def train(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float | None = None) -> dict[str, Any]:
+    """Train to the planned step count; returns the final metrics (with "diverged" set,
+    and no final adapter, when the loss became NaN or infinite)."""
+    return run(setup(cfg, ctx, reporter, started_at))
+
+
+def _evaluate(s: Session, last: bool = False) -> dict[str, Any]:
+    """Eval loss over the whole eval set; generation metrics at every N-th evaluation and at the
+    last one (a sweep ranks trials by their final report)."""
+    metrics: dict[str, Any] = {}
+    if s.eval_dataset is None:
+        return metrics
+    metrics["eval_loss"] = evaluate_loss(
+        s.engine, s.eval_dataset, s.collator, s.ctx, s.cfg.training.per_device_eval_batch_size
+    )
+    s.state.evals += 1
+    if s.generation is not None and (last or (s.state.evals - 1) % s.cfg.evaluation.generation_every == 0):
+        metrics.update(s.generation.run(s.engine, step=s.state.global_step))
+    return metrics
+
+
+def _progress(s: Session) -> dict[str, Any]:
+    return {
+        "step": s.state.global_step,
+        "epoch": s.state.global_step / s.plan.steps_per_epoch,
+        "samples_seen": s.state.samples_seen,
+        "total_steps": s.plan.total_steps,
+        "start_step": s.start_step,  # > 0 after a resume or a worker restart
+        "num_nodes": s.num_nodes,
+    }
+
+
+def run(s: Session) -> dict[str, Any]:
+    """The loop: micro-steps with accumulation, then at each optimizer step log / evaluate /
+    checkpoint / report on visible conditions."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from raytune_qvl.train.evaluate import is_better
+
+    cfg, ctx, engine, state, t = s.cfg, s.ctx, s.engine, s.state, s.cfg.training
+    total_steps, accum = s.plan.total_steps, t.gradient_accumulation_steps
+    metric_name, higher_better = t.metric_for_best_model, cfg.greater_is_better
+    output_dir = Path(cfg.output.dir)
+    window = {"loss": 0.0, "micro": 0, "tokens": 0.0, "start": time.perf_counter(), "steps": 0}  # sums for the next log
+    last_metrics: dict[str, Any] = {}
+    inject_nan = faults.nan_fault(cfg)
+    injected = faults.Faults(cfg, ctx.rank, ctx.world_size)
+    first_step = True
+
+    if t.eval_on_start and state.global_step == 0 and not s.resumed:
+        s.reporter.report({**_progress(s), **_evaluate(s)}, None)
+
+    engine.train()
+    while state.global_step < total_steps:
+        s.sampler.set_epoch(state.epoch, state.micro_batch)
+        loader = DataLoader(
+            s.dataset,
+            batch_size=t.per_device_train_batch_size,
+            sampler=s.sampler,
+            collate_fn=s.collator,
+            num_workers=cfg.data.num_workers,
+            pin_memory=ctx.on_gpu and cfg.environment.dataloader_pin_memory,
+            # its own generator: a new iterator would otherwise draw from the global RNG and
+            # shift every dropout mask after a resume
+            generator=torch.Generator().manual_seed(cfg.environment.seed * 1_000_003 + state.epoch),
+        )
+        for batch in loader:
+            boundary = (state.micro_batch + 1) % accum == 0
+            lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
+            window["tokens"] += float(batch["attention_mask"].sum())
+            batch = _to_device(batch, engine.device)
+
+            loss = engine(**batch).loss
+            if inject_nan and state.global_step >= 1:
+                loss = loss * float("nan")
+            engine.backward(loss)
+            engine.step()  # steps the optimizer and scheduler only at accumulation boundaries
+
+            window["loss"] += float(loss.detach().float())
+            window["micro"] += 1
+            state.micro_batch += 1
+            if not boundary:
+                continue
+
+            state.global_step += 1
+            state.samples_seen += s.plan.effective_batch
+            window["steps"] += 1
+            step = state.global_step
+            last = step == total_steps
+            metrics: dict[str, Any] = {}
+            if first_step:  # how long this process took to get here (launch, workers, data, model, engine)
+                metrics.update(setup_seconds=time.time() - s.started_at, data_prep_seconds=s.data_seconds)
+                first_step = False
+
+            # a NaN on any worker stops every worker at the same step
+            (bad,) = all_reduce_max([0.0 if math.isfinite(window["loss"]) else 1.0], engine.device)
+            if bad:
+                # reported, not raised: Ray would retry a worker error from the last checkpoint
+                # and diverge again; the driver turns this into a failed run
+                # the report carries a marker checkpoint: Ray Train's result holds the metrics of
+                # the latest checkpoint, and a rerun of this run must not resume into a NaN
+                message = (
+                    f"loss is NaN or infinite at optimizer step {step} (learning rate {lr:.3g}); "
+                    "lower training.learning_rate"
+                )
+                with _staging(f"checkpoint-{step:06d}-diverged") as folder:
+                    folder.mkdir(parents=True)
+                    if ctx.is_main:
+                        (folder / DIVERGED_FILE).write_text(json.dumps({"step": step, "message": message}))
+                    s.reporter.report({**_progress(s), "diverged": message, "finished": True}, folder)
+                return {"diverged": message}
+
+            if step % t.logging_steps == 0 or last:
+                loss_sum, micro_count, tokens = all_reduce_sum(
+                    [window["loss"], window["micro"], window["tokens"]], engine.device
+                )
+                elapsed = max(time.perf_counter() - window["start"], 1e-9)
+                grad_norm = engine.get_global_grad_norm()
+                metrics.update(
+                    loss=loss_sum / max(micro_count, 1),
+                    learning_rate=lr,
+                    grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                    samples_per_second=window["steps"] * s.plan.effective_batch / elapsed,
+                    tokens_per_second=tokens / elapsed,
+                )
+                window.update(loss=0.0, micro=0, tokens=0.0, start=time.perf_counter(), steps=0)
+
+            if step % t.eval_steps == 0 or last:
+                metrics.update(_evaluate(s, last=last))
+                value = metrics.get(metric_name)
+                if value is not None and is_better(value, state.best_metric, higher_better):
+                    state.best_metric, state.best_step = value, step
+                    _save_best(s, output_dir / BEST_DIR, step, metric_name, value)
+                window["start"] = time.perf_counter()  # evaluation time is not training throughput
+
+            if state.micro_batch >= s.sampler.micro_batches_per_epoch():
+                state.epoch, state.micro_batch = state.epoch + 1, 0  # the epoch is done
+            if metrics or step % t.save_steps == 0:
+                metrics.update(_progress(s))
+                if state.best_metric is not None:
+                    metrics[f"best_{metric_name}"] = state.best_metric
+                if step % t.save_steps == 0 or last:
+                    with gathered_lora_state(engine) as lora_state, _staging(f"checkpoint-{step:06d}") as folder:
+                        save_checkpoint(engine, folder, state, rank=ctx.rank, lora_state=lora_state)
+                        s.reporter.report({**metrics, "finished": last}, folder)
+                else:
+                    s.reporter.report({**metrics, "finished": last}, None)
+                last_metrics.update(metrics)
+                window["start"] = time.perf_counter()
+            injected.after_report(step)
+            if last:
+                break
+
+    _save_final(s, output_dir / FINAL_DIR, last_metrics)
+    return last_metrics
+
+
+def _save_best(s: Session, folder: Path, step: int, metric_name: str, value: float) -> None:
+    """The adapter at the best evaluation so far, with the predictions behind it."""
+    with gathered_lora_state(s.engine) as lora_state:
+        if s.ctx.is_main:
+
+            def write(tmp: Path) -> None:
+                save_adapter(s.engine, tmp, lora_state)
+                (tmp / "best.json").write_text(json.dumps({"step": step, metric_name: value}))
+                if s.generation is not None:
+                    s.generation.write_predictions(tmp)
+
+            replace_dir(folder, write)
+    barrier()
+
+
+def _save_final(s: Session, folder: Path, last_metrics: dict[str, Any]) -> None:
+    """The trained adapter, with the processor and the configs that produced it."""
+    with gathered_lora_state(s.engine) as lora_state:
+        if s.ctx.is_main:
+
+            def write(tmp: Path) -> None:
+                save_adapter(s.engine, tmp, lora_state)
+                s.processor.save_pretrained(str(tmp))
+                write_configs(s.cfg, s.plan.deepspeed, tmp)
+                (tmp / COMPLETE_MARKER).write_text(
+                    json.dumps({**last_metrics, "total_steps": s.plan.total_steps}, default=str)
+                )
+
+            replace_dir(folder, write)
+    barrier()

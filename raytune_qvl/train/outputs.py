@@ -1,0 +1,131 @@
+"""A run's output folder: its layout, folders swapped in whole, and the rules checked before
+anything is written (a folder that can be written; a finished or diverged run is not silently
+redone; the previous MLflow run of a resumed one).
+
+    <output.dir>/
+      final/                    the trained adapter, processor, resolved configs, training_complete.json
+      best/                     the adapter at the best evaluation so far, with its predictions.json
+      checkpoints/              --no-ray runs' checkpoints (Ray runs keep theirs under ray.storage_path)
+      .raytune_qvl_run.json     the MLflow run of this folder, for resumes
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from raytune_qvl.config.schema import Config
+from raytune_qvl.errors import ConfigError, Problem
+
+__all__ = [
+    "FINAL_DIR",
+    "BEST_DIR",
+    "COMPLETE_MARKER",
+    "DIVERGED_FILE",
+    "RUN_FILE",
+    "PREDICTIONS_FILE",
+    "replace_dir",
+    "writable_dir_problem",
+    "make_dir",
+    "ray_run_name",
+    "check_output",
+    "make_output",
+]
+
+FINAL_DIR = "final"  # <output.dir>/final: the trained adapter, processor and resolved configs
+BEST_DIR = "best"  # <output.dir>/best: the adapter at the best evaluation so far
+COMPLETE_MARKER = "training_complete.json"
+DIVERGED_FILE = "diverged.json"  # in the checkpoint reported when the loss became NaN
+RUN_FILE = ".raytune_qvl_run.json"  # the MLflow run id of this output folder, for resumes
+PREDICTIONS_FILE = "predictions.json"  # in best/: the generation eval behind the best adapter
+
+
+def replace_dir(target: Path, write: Callable[[Path], None]) -> None:
+    """Write into a sibling folder, then swap it in: readers never see half a folder."""
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def writable_dir_problem(path: Path) -> str | None:
+    """Why a folder could not be created and written here, checked without creating it."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return "no existing parent folder"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    try:  # a real attempt (permission bits say little to root, or on /proc and read-only mounts)
+        os.rmdir(tempfile.mkdtemp(prefix=".raytune_qvl_probe_", dir=probe))
+    except OSError as exc:
+        return f"{probe} is not writable ({exc.strerror})"
+    return None
+
+
+def make_dir(path: Path, source: str, key: str) -> None:
+    """Create a folder and prove it is writable, or fail with one line."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        rule = f"{path} is not writable ({exc.strerror}); choose another folder"
+        raise ConfigError([Problem(source, key, rule, show_value=False)]) from None
+
+
+def ray_run_name(cfg: Config) -> str:
+    """Stable for one output folder: the same command finds its checkpoints again."""
+    base = cfg.output.run_name or Path(cfg.output.dir).name
+    digest = hashlib.sha1(cfg.output.dir.encode()).hexdigest()[:8]
+    return f"{base}-{digest}"
+
+
+def check_output(cfg: Config, *, overwrite: bool) -> dict[str, Any]:
+    """Before anything is written: refuse to silently redo a finished (or diverged) run, and a
+    folder that cannot be written. Returns the previous run record (MLflow run id) to resume."""
+    out = Path(cfg.output.dir)
+    source = cfg.paths.training or "config"
+    problem = writable_dir_problem(out)
+    if problem:
+        rule = f"cannot write {out}: {problem}; choose another output.dir"
+        raise ConfigError([Problem(source, "output.dir", rule, show_value=False)])
+    if overwrite:
+        return {}
+    if (out / FINAL_DIR / COMPLETE_MARKER).exists():
+        rule = "holds a finished run; pass --overwrite to start over or choose another output.dir"
+        raise ConfigError([Problem(str(out), "output.dir", rule, show_value=False)])
+    ray_run = Path(cfg.ray.storage_path) / ray_run_name(cfg)
+    diverged = sorted((out / "checkpoints").glob(f"*/{DIVERGED_FILE}"))  # --no-ray runs
+    if "://" not in cfg.ray.storage_path:
+        diverged += sorted(ray_run.glob(f"*/{DIVERGED_FILE}"))
+    if diverged:
+        message = json.loads(diverged[-1].read_text()).get("message", "the loss diverged")
+        rule = f"this run diverged ({message}); change the config and pass --overwrite to start over"
+        raise ConfigError([Problem(str(out), "output.dir", rule, show_value=False)])
+    record_file = out / RUN_FILE
+    return json.loads(record_file.read_text()) if record_file.exists() else {}
+
+
+def make_output(cfg: Config, *, overwrite: bool) -> None:
+    """The output folder, emptied of a previous run's results with --overwrite."""
+    out = Path(cfg.output.dir)
+    if overwrite:
+        for name in (FINAL_DIR, BEST_DIR, "checkpoints", RUN_FILE, ".faults"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
+        if "://" not in cfg.ray.storage_path:
+            shutil.rmtree(Path(cfg.ray.storage_path) / ray_run_name(cfg), ignore_errors=True)
+    make_dir(out, cfg.paths.training or "config", "output.dir")

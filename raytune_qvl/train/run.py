@@ -1,0 +1,201 @@
+"""The driver of one training run: pre-flight (config, data audit, plan) before any worker
+starts, one MLflow run, a TorchTrainer (or the loop in-process with --no-ray), one progress
+view, and the outputs logged at the end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from raytune_qvl.config.schema import Config
+from raytune_qvl.config.uris import default_tracking_uri
+from raytune_qvl.errors import ConfigError, Problem, UserError, worker_error
+from raytune_qvl.train.outputs import (
+    BEST_DIR,
+    FINAL_DIR,
+    PREDICTIONS_FILE,
+    RUN_FILE,
+    check_output,
+    make_output,
+    ray_run_name,
+)
+from raytune_qvl.train.preflight import preflight
+
+__all__ = ["TrainResult", "TrainingFailed", "run_training", "format_progress"]
+
+log = logging.getLogger("raytune_qvl")
+
+
+class TrainingFailed(UserError):
+    """The run started but did not finish (diverged, workers failed past max_failures)."""
+
+    exit_code = 1
+
+
+def format_progress(m: dict[str, Any], started: float) -> str:
+    """One progress line of a report: step, epoch, loss, learning rate, speed, eval metrics, ETA."""
+    step, total = m.get("step", 0), m.get("total_steps", 0)
+    parts = [f"step {step:>5}/{total} ({100 * step / max(total, 1):3.0f}%)", f"epoch {m.get('epoch', 0):.2f}"]
+    if "loss" in m:
+        parts += [f"loss {m['loss']:.4f}", f"lr {m['learning_rate']:.2e}", f"{m['samples_per_second']:.1f} samples/s"]
+    if "setup_seconds" in m:
+        parts.append(f"set-up {m['setup_seconds']:.1f}s (data {m['data_prep_seconds']:.2f}s)")
+    evals = [f"{k} {v:.4f}" for k, v in m.items() if k.startswith("eval_") and isinstance(v, float)]
+    if evals:
+        parts.append("| " + " ".join(evals))
+    elapsed = time.perf_counter() - started
+    if 0 < step < total:
+        parts.append(f"ETA {elapsed / step * (total - step):.0f}s")
+    return "  ".join(parts)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics: dict[str, Any]
+    run_id: str | None
+    tracking_uri: str | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def final_dir(self) -> Path:
+        return self.output_dir / FINAL_DIR
+
+    def summary(self) -> str:
+        lines = [f"done: {self.metrics.get('step', '?')} optimizer steps"]
+        evals = {k: v for k, v in self.metrics.items() if k.startswith("eval_")}
+        if evals:
+            lines.append("  final " + ", ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+        lines.append(f"  adapter: {self.final_dir}")
+        if self.run_id:
+            lines.append(f"  MLflow run {self.run_id} in {self.tracking_uri}")
+            lines.append(f"  open the UI: python -m raytune_qvl.ui --tracking_uri {self.tracking_uri}")
+        return "\n".join(lines)
+
+
+def run_training(
+    cfg: Config, *, resume: str | None = None, use_ray: bool = True, overwrite: bool = False
+) -> TrainResult:
+    from raytune_qvl.cluster import check_outputs_outside_job_dir
+    from raytune_qvl.track.runs import log_inputs, log_predictions
+    from raytune_qvl.track.tracker import TAG_KIND, check_server, connect
+
+    launched = time.time()
+    if not use_ray:
+        cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"num_workers": 1})})
+    if resume is not None and not Path(resume).is_dir():
+        raise ConfigError([Problem("command line", "--resume", "checkpoint folder not found", resume)])
+    uri = default_tracking_uri(cfg.output.tracking_uri) if cfg.output.report_to != "none" else None
+    source = cfg.paths.training or "config"
+    check_outputs_outside_job_dir(
+        [
+            (source, "output.dir", cfg.output.dir),
+            (source, "ray.storage_path", cfg.ray.storage_path),
+            (source, "output.tracking_uri", uri),
+        ]
+    )
+    record = check_output(cfg, overwrite=overwrite)
+    if uri:
+        check_server(uri)  # before any data work or worker
+    pre = preflight(cfg)
+    print(pre.plan.format(), file=sys.stderr)
+    for split in (pre.train, pre.eval):
+        if split is not None and split.audit.kept < split.audit.total:
+            log.warning("%s", split.audit.summary())
+    make_output(cfg, overwrite=overwrite)
+
+    tracker, run_id = None, None
+    if uri:
+        tracker = connect(uri, cfg.output.experiment_name)
+        run_id = record.get("mlflow_run_id") if record.get("tracking_uri") == uri else None
+        if run_id and tracker.reopen(run_id):
+            log.info("continuing MLflow run %s", run_id)
+        else:
+            run_id = tracker.start_run(cfg.output.run_name or Path(cfg.output.dir).name, {TAG_KIND: "train"})
+            log_inputs(tracker, run_id, cfg, pre)
+        record = {"mlflow_run_id": run_id, "tracking_uri": uri, "ray_run_name": ray_run_name(cfg)}
+        (Path(cfg.output.dir) / RUN_FILE).write_text(json.dumps(record))
+
+    history: list[dict[str, Any]] = []
+    started = time.perf_counter()
+
+    def on_metrics(m: dict[str, Any]) -> None:
+        history.append(m)
+        print(format_progress(m, started), file=sys.stderr, flush=True)
+        if tracker is not None:
+            tracker.log_metrics(run_id, m, step=int(m.get("step", 0)))
+
+    def fit() -> dict[str, Any]:
+        metrics = (
+            _fit_ray(cfg, resume, on_metrics, launched) if use_ray else _fit_local(cfg, resume, on_metrics, launched)
+        )
+        if metrics.get("diverged"):
+            raise TrainingFailed([f"training diverged: {metrics['diverged']}"])
+        return metrics
+
+    if tracker is None:
+        metrics = fit()
+    else:
+        with tracker.outcome(run_id):
+            metrics = fit()
+            out = Path(cfg.output.dir)
+            if (out / FINAL_DIR).is_dir():
+                tracker.log_artifact(run_id, out / FINAL_DIR, "final")
+            log_predictions(tracker, run_id, out / BEST_DIR / PREDICTIONS_FILE)
+    return TrainResult(Path(cfg.output.dir), metrics, run_id, uri, history)
+
+
+def _fit_local(
+    cfg: Config, resume: str | None, on_metrics: Callable, started_at: float | None = None
+) -> dict[str, Any]:
+    from raytune_qvl.train.engine import WorkerContext
+    from raytune_qvl.train.loop import train
+    from raytune_qvl.train.session import LocalReporter
+    from raytune_qvl.train.worker import quiet_worker
+
+    quiet_worker(0)
+    ctx = WorkerContext(on_gpu=cfg.ray.use_gpu)
+    return train(cfg, ctx, LocalReporter(cfg, on_metrics, resume), started_at=started_at)
+
+
+def _fit_ray(cfg: Config, resume: str | None, on_metrics: Callable, started_at: float | None = None) -> dict[str, Any]:
+    from ray.util.queue import Empty, Queue
+
+    from raytune_qvl.cluster import check_storage, ray_session
+    from raytune_qvl.train.trainer import QueueCallback, build_trainer
+
+    workers = cfg.ray.num_workers
+    cpus = int((cfg.ray.resources_per_worker or {}).get("CPU", 1))
+    with ray_session(cfg.ray.address, min_cpus=workers * cpus + 1):
+        source = cfg.paths.training or "config"
+        check_storage(cfg.ray.storage_path, shared=cfg.ray.shared_storage, source=source, key="ray.storage_path")
+        progress: Queue = Queue()
+        trainer = build_trainer(cfg, resume, callbacks=[QueueCallback(progress)], started_at=started_at)
+        outcome: dict[str, Any] = {}
+
+        def fit() -> None:
+            try:
+                outcome["result"] = trainer.fit()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=fit, name="fit", daemon=True)
+        thread.start()
+        last: dict[str, Any] = {}
+        while thread.is_alive() or not progress.empty():
+            try:
+                item = progress.get(timeout=0.5)
+            except Empty:
+                continue
+            last = item
+            on_metrics(item)
+        thread.join()
+        if "error" in outcome:
+            raise TrainingFailed([f"training failed: {worker_error(outcome['error'])}"])
+        return last

@@ -1,0 +1,165 @@
+"""What the training loop works with, built once per worker by `setup`: the process group, the
+prepared data, the model with LoRA inside a DeepSpeed engine, and the resume point. Ray enters
+only through the `Reporter` it is given (see worker.py); `LocalReporter` runs it in one process
+(`python -m raytune_qvl.train --no-ray`, profiling, a GPU box without Ray)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from raytune_qvl.config.schema import Config
+from raytune_qvl.train.checkpoint import TrainState, latest_local_checkpoint, load_checkpoint, prune_local_checkpoints
+from raytune_qvl.train.engine import WorkerContext, build_engine, count_nodes, device_config, init_distributed
+
+__all__ = ["Reporter", "LocalReporter", "Session", "setup", "seed_everything"]
+
+log = logging.getLogger("raytune_qvl")
+
+
+class Reporter(Protocol):
+    """Where metrics and checkpoints go: Ray Train (worker.py) or a local folder."""
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None: ...
+
+    def resume_checkpoint(self) -> Path | None: ...
+
+
+class LocalReporter:
+    """One process, no Ray: checkpoints under <output.dir>/checkpoints, the newest kept
+    `save_total_limit`; metrics to a callback (the CLI's progress and MLflow)."""
+
+    def __init__(self, cfg: Config, on_metrics: Any = None, resume_from: str | None = None):
+        self.root = Path(cfg.output.dir) / "checkpoints"
+        self.keep = cfg.training.save_total_limit
+        self.on_metrics = on_metrics
+        self.resume_from = resume_from
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        if checkpoint is not None:  # a divergence marker is kept too: a rerun must not resume
+            target = self.root / checkpoint.name
+            if checkpoint.resolve() != target.resolve():
+                shutil.rmtree(target, ignore_errors=True)
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(checkpoint, target)
+            prune_local_checkpoints(self.root, self.keep)
+        if self.on_metrics is not None:
+            self.on_metrics(metrics)
+
+    def resume_checkpoint(self) -> Path | None:
+        if self.resume_from:
+            return Path(self.resume_from)
+        return latest_local_checkpoint(self.root)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Session:
+    """Everything the loop works with, built once by `setup`."""
+
+    cfg: Config
+    ctx: WorkerContext
+    reporter: Reporter
+    engine: Any
+    processor: Any
+    plan: Any
+    dataset: Any
+    eval_dataset: Any
+    collator: Any
+    sampler: Any
+    generation: Any
+    state: TrainState
+    resumed: bool
+    start_step: int  # the step this process started from
+    num_nodes: int  # nodes the workers span
+    started_at: float  # wall-clock time the run (or trial) was launched, for setup_seconds
+    data_seconds: float  # this worker's data preparation (a cache read when prepared before)
+
+
+def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float | None = None) -> Session:
+    """Process group, data, model + LoRA, DeepSpeed engine, and the resume point.
+    `started_at`: when the run was launched (default now), to report the set-up time."""
+    started_at = time.time() if started_at is None else started_at
+    from raytune_qvl.config.plan import make_plan
+    from raytune_qvl.data.audit import check_audit
+    from raytune_qvl.data.batches import Collator, EpochSampler, TrainDataset
+    from raytune_qvl.data.cache import load_or_prepare
+    from raytune_qvl.data.processor import load_processor
+    from raytune_qvl.train.evaluate import GenerationEval
+    from raytune_qvl.train.lora import apply_lora, format_parts, trainable_by_part
+    from raytune_qvl.train.model import load_model
+
+    t = cfg.training
+    init_distributed(ctx)
+    seed_everything(cfg.environment.seed)  # the same LoRA initialisation on every worker
+
+    # data: prepared once per node (cached), audited, then sharded by the sampler
+    processor = load_processor(cfg)
+    data_started = time.perf_counter()
+    train_split = load_or_prepare(cfg, processor, "train")
+    eval_split = load_or_prepare(cfg, processor, "eval")
+    data_seconds = time.perf_counter() - data_started
+    check_audit(train_split.audit, cfg.data)
+    if eval_split is not None:
+        check_audit(eval_split.audit, cfg.data)
+    plan = make_plan(cfg, num_samples=len(train_split.items))
+
+    # model + LoRA + DeepSpeed
+    model = apply_lora(load_model(cfg, on_gpu=ctx.on_gpu), cfg.lora)
+    if ctx.is_main:
+        log.info(format_parts(trainable_by_part(model)))
+    ds_config, notes = device_config(plan.deepspeed, on_gpu=ctx.on_gpu)
+    if ctx.is_main:
+        for note in notes:
+            log.info("%s", note)
+    engine = build_engine(model, ds_config)
+    seed_everything(cfg.environment.seed + ctx.rank)  # dropout differs across workers, reproducibly
+
+    state = TrainState()
+    resume = reporter.resume_checkpoint()
+    if resume is not None:
+        state = load_checkpoint(engine, resume, rank=ctx.rank)
+        if ctx.is_main:
+            log.info("resumed from %s at step %d (epoch %d)", resume, state.global_step, state.epoch)
+
+    dataset = TrainDataset(train_split.items, processor)
+    return Session(
+        cfg=cfg,
+        ctx=ctx,
+        reporter=reporter,
+        engine=engine,
+        processor=processor,
+        plan=plan,
+        dataset=dataset,
+        eval_dataset=TrainDataset(eval_split.items, processor) if eval_split is not None else None,
+        collator=Collator(processor.tokenizer.pad_token_id),
+        sampler=EpochSampler(
+            len(dataset),
+            micro=t.per_device_train_batch_size,
+            accum=t.gradient_accumulation_steps,
+            rank=ctx.rank,
+            world=ctx.world_size,
+            seed=cfg.data.preprocessing.seed,
+            shuffle=cfg.data.preprocessing.shuffle,
+        ),
+        generation=GenerationEval.create(cfg, eval_split, processor, ctx) if eval_split is not None else None,
+        state=state,
+        resumed=resume is not None,
+        start_step=state.global_step,
+        num_nodes=count_nodes(ctx),
+        started_at=started_at,
+        data_seconds=data_seconds,
+    )

@@ -1,0 +1,175 @@
+"""A real staged sweep on the tiny model: Optuna TPE + ASHA over Ray Train trials, one trial made
+to diverge, the driver interrupted with Ctrl-C mid-sweep and resumed; then Tune's outcome, the
+sweep state, MLflow's parent and child runs and the best/ files must all agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
+
+
+def _space(tmp_path: Path) -> Path:
+    raw = {
+        "name": "itest",
+        "base": {
+            "config": str(ROOT / "configs/tiny/training_config.yaml"),
+            "lora_config": str(ROOT / "configs/tiny/lora_config.yaml"),
+            "deepspeed": str(ROOT / "configs/ds_config_zero2.json"),
+        },
+        "overrides": {
+            "training.learning_rate": 1.0e-3,
+            "lora.r": 8,
+            "training.per_device_train_batch_size": 4,
+            "training.gradient_accumulation_steps": 4,
+            "training.num_epochs": 1,
+            "evaluation.generation_samples": 4,
+            "evaluation.generation_every": 4,
+            "evaluation.max_new_tokens": 8,
+        },
+        "parameters": {
+            "training.learning_rate": {"choices": [2.0e-4, 6.0e-4, 1.5e-3, 3.0e-3]},
+            "lora.r": {"choices": [4, 8, 16]},
+            "effective_batch": {"choices": [8, 16]},
+            "training.num_epochs": {"choices": [1, 2]},
+        },
+        "trials_per_stage": {"training.learning_rate": 4, "lora.r": 2, "effective_batch": 1, "training.num_epochs": 1},
+        "metric": "eval_loss",
+        "mode": "min",
+        "lr_scaling": {"rule": "linear", "local_search": 0.25},
+        "evals_per_epoch": 4,
+        "asha": {"time_attr": "epoch", "grace_period": 0.25, "reduction_factor": 2},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "itest"},
+        "storage_path": str(tmp_path / "ray"),
+        "output_dir": str(tmp_path / "sweeps"),
+        "keep_best_adapters": 2,
+        "seed": 7,
+    }
+    path = tmp_path / "itest.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+PLANNED = 4 + 2 + 1 + 1  # trials per stage; the incumbent is never retrained
+
+
+def test_staged_sweep_with_a_failure_an_interrupt_and_a_resume(tiny_assets: Path, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from raytune_qvl.train.faults import PAUSED_MESSAGE
+
+    space_file = _space(tmp_path)
+    # one learning rate diverges (NaN loss from step 2): that trial fails, the sweep goes on
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAYTUNE_QVL_FAULT_NAN": "training.learning_rate=0.0006"}
+    # stage 2's rank-4 trial stops after its step 2 and waits: the Ctrl-C lands mid-stage, mid-trial
+    paused_env = {**env, "RAYTUNE_QVL_FAULT_PAUSE": "lora.r=4@2"}
+    cmd = [sys.executable, "-m", "raytune_qvl.sweep", str(space_file)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=paused_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = []
+    deadline = time.time() + 900
+    for line in proc.stdout:  # type: ignore[union-attr]
+        log.append(line)
+        if PAUSED_MESSAGE in line:
+            proc.send_signal(signal.SIGINT)
+            break
+        assert time.time() < deadline, "".join(log[-50:])
+    rest, _ = proc.communicate(timeout=300)
+    output = "".join(log) + rest
+    assert proc.returncode == 130, output[-4000:]
+    assert "--resume" in output
+    state_path = tmp_path / "sweeps" / "itest" / "sweep_state.json"
+    state = json.loads(state_path.read_text())
+    assert state["stages"]["stage1-training_learning_rate"]["status"] == "done"
+    assert state["stages"]["stage2-lora_r"]["status"] == "running"
+
+    # without --resume the sweep refuses to start over silently
+    again = run_cli("raytune_qvl.sweep", str(space_file), env=env)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+    resumed = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    assert "stage1-training_learning_rate: already done" in resumed.stderr
+
+    state = json.loads(state_path.read_text())
+    assert state["finished"] is True
+    trials = [t for t in state["trials"] if t["status"] != "reused"]
+    assert len(trials) == PLANNED, [t["trial_id"] for t in trials]
+    assert len({t["trial_id"] for t in trials}) == PLANNED
+    keys = {json.dumps(t["overrides"], sort_keys=True) for t in trials}
+    assert len(keys) == PLANNED  # no configuration trained twice
+    by_stage = {}
+    for t in trials:
+        by_stage.setdefault(t["stage"], []).append(t)
+    assert [len(by_stage[s]) for s in sorted(by_stage)] == [4, 2, 1, 1]
+    failed = [t for t in trials if t["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["sampled"]["training.learning_rate"] == pytest.approx(6e-4)
+    assert "NaN" in failed[0]["reason"]
+    stopped = [t for t in trials if t["status"] == "stopped"]
+    assert stopped, "ASHA stopped no trial"
+    for t in stopped:  # stopped with a budget below the trial's full length
+        assert t["epoch"] < float(t["overrides"]["training.num_epochs"])
+
+    # MLflow agrees with Tune: one parent, a child per trial, the same statuses and best value
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("itest")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("raytune_qvl.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert len(children) == PLANNED and all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    status_of = {c.data.tags["raytune_qvl.trial_id"]: c.data.tags["raytune_qvl.status"] for c in children}
+    assert status_of == {t["trial_id"]: t["status"] for t in trials}
+    for c in children:
+        assert c.data.tags["raytune_qvl.stage"].startswith("stage")
+        assert "training.learning_rate" in c.data.params and "training.gradient_accumulation_steps" in c.data.params
+        if c.data.tags["raytune_qvl.status"] == "failed":
+            assert c.info.status == "FAILED" and "NaN" in c.data.tags["raytune_qvl.reason"]
+        else:
+            assert c.info.status == "FINISHED"
+            history = client.get_metric_history(c.info.run_id, "eval_loss")
+            assert len(history) >= 1
+    best_value = min(t["value"] for t in trials if t["value"] is not None)
+    assert parent.data.metrics["best_eval_loss"] == pytest.approx(best_value)
+    assert parent.data.metrics["trials_failed"] == 1 and parent.data.metrics["trials_stopped"] == len(stopped)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {
+        "plots/optimization_history.png",
+        "plots/learning_curves.png",
+        "plots/parallel_coordinates.png",
+        "plots/sweep_report.html",
+    } <= artifacts
+
+    # the best configuration, written out, passes the trainer's dry run
+    best = tmp_path / "sweeps" / "itest" / "best"
+    summary = json.loads((best / "best.json").read_text())
+    assert summary["value"] == pytest.approx(best_value)
+    assert (best / "adapter" / "adapter_model.safetensors").exists()
+    dry = run_cli(
+        "raytune_qvl.train",
+        "--config",
+        str(best / "training_config.yaml"),
+        "--lora_config",
+        str(best / "lora_config.yaml"),
+        "--dry-run",
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert f"{summary['overrides']['training.learning_rate']:g}" in dry.stdout
+    assert "raytune_qvl.train --config" in (best / "command.txt").read_text()
+
+    # sweeps do not fill the disk: engine checkpoints are gone, adapters kept for the best 2
+    assert not list((tmp_path / "ray" / "itest" / "trials").glob("*/checkpoint-*"))
+    finals = [p for p in (tmp_path / "sweeps" / "itest" / "trials").glob("*/final") if p.is_dir()]
+    assert len(finals) == 2

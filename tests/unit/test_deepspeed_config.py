@@ -1,0 +1,154 @@
+"""Filling DeepSpeed's "auto" values from the training config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raytune_qvl.config.schema import EnvironmentConfig, TrainingConfig
+from raytune_qvl.config.deepspeed import find_autos, fill_deepspeed
+from raytune_qvl.errors import ConfigError
+
+from conftest import ZERO2, ZERO3
+
+TRAINING = TrainingConfig(
+    per_device_train_batch_size=2, gradient_accumulation_steps=8, learning_rate=2e-4, weight_decay=0.01
+)
+ENV = EnvironmentConfig()
+
+
+@pytest.mark.parametrize("path", [ZERO2, ZERO3], ids=["zero2", "zero3_offload"])
+def test_seed_jsons_fill_completely(path: Path) -> None:
+    ds = json.loads(path.read_text())
+    assert list(find_autos(ds))  # the seed files are full of them
+    filled = fill_deepspeed(ds, TRAINING, ENV, world_size=4, total_steps=300)
+    cfg = filled.config
+    assert not list(find_autos(cfg))
+    assert cfg["train_micro_batch_size_per_gpu"] == 2
+    assert cfg["gradient_accumulation_steps"] == 8
+    assert cfg["train_batch_size"] == 64  # 2 x 4 x 8
+    assert cfg["optimizer"]["params"]["lr"] == pytest.approx(2e-4)
+    assert cfg["optimizer"]["params"]["weight_decay"] == pytest.approx(0.01)
+    # the seed's WarmupDecayLR (linear) contradicts lr_scheduler_type: cosine
+    assert cfg["scheduler"]["type"] == "WarmupCosineLR"
+    assert cfg["scheduler"]["params"]["total_num_steps"] == 300
+    assert cfg["scheduler"]["params"]["warmup_num_steps"] == 15  # ceil(300 x 0.05)
+    assert cfg["scheduler"]["params"]["warmup_type"] == "linear"
+    assert any("WarmupDecayLR replaced by WarmupCosineLR" in n for n in filled.notes)
+    assert ds["scheduler"]["type"] == "WarmupDecayLR"  # the input is not modified
+
+
+def test_nested_autos_from_model_width() -> None:
+    ds = {
+        "zero_optimization": {
+            "stage": 3,
+            "reduce_bucket_size": "auto",
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+            "stage3_gather_16bit_weights_on_model_save": "auto",
+        },
+        "bf16": {"enabled": "auto"},
+        "gradient_clipping": "auto",
+    }
+    cfg = fill_deepspeed(ds, TRAINING, ENV, world_size=1, total_steps=10, hidden_size=64).config
+    zero = cfg["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 64 * 64
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
+    assert zero["stage3_param_persistence_threshold"] == 640
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert cfg["bf16"]["enabled"] is True  # silently fp32 if DeepSpeed had seen "auto"
+    assert cfg["gradient_clipping"] == 1.0
+    assert cfg["optimizer"]["type"] == "AdamW"  # none given: AdamW added
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "expected"),
+    [("linear", "WarmupDecayLR"), ("constant_with_warmup", "WarmupLR"), ("constant", None)],
+)
+def test_scheduler_follows_lr_scheduler_type(scheduler: str, expected: str | None) -> None:
+    ds = json.loads(ZERO2.read_text())
+    training = TRAINING.model_copy(update={"lr_scheduler_type": scheduler})
+    cfg = fill_deepspeed(ds, training, ENV, world_size=1, total_steps=100).config
+    assert (cfg.get("scheduler") or {}).get("type") == expected
+    if expected:
+        assert cfg["scheduler"]["params"]["warmup_max_lr"] == pytest.approx(2e-4)
+
+
+@pytest.mark.parametrize(
+    ("patch", "fragment"),
+    [
+        ({"gradient_clipping": 0.5}, "gradient_clipping"),
+        ({"bf16": {"enabled": False}}, "bf16.enabled"),
+        ({"train_batch_size": 128}, "train_batch_size"),
+        ({"optimizer": {"type": "SGD", "params": {}}}, "optimizer.type"),
+        (
+            {"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 5}}},
+            "scheduler.params.total_num_steps",
+        ),
+        ({"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_max_lr": 1e-3}}}, "scheduler.params.warmup_max_lr"),
+        ({"zero_optimization": {"stage": 5}}, "zero_optimization.stage"),
+    ],
+)
+def test_contradictions_are_errors(patch: dict, fragment: str) -> None:
+    ds = {**json.loads(ZERO2.read_text()), **patch}
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        fill_deepspeed(ds, TRAINING, ENV, world_size=4, total_steps=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", [ZERO2, ZERO3], ids=["zero2", "zero3_offload"])
+def test_filled_seed_jsons_initialize_on_cpu(path: Path) -> None:
+    """deepspeed.initialize accepts both filled seed files (in a subprocess: it needs a process group)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import json, os, socket, torch, deepspeed
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+from raytune_qvl.config.schema import EnvironmentConfig, TrainingConfig
+from raytune_qvl.config.deepspeed import fill_deepspeed
+from raytune_qvl.train.engine import device_config
+ds = json.load(open({str(path)!r}))
+training = TrainingConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2)
+cfg = fill_deepspeed(ds, training, EnvironmentConfig(), world_size=1, total_steps=20).config
+cfg, _ = device_config(cfg, on_gpu=False)
+deepspeed.init_distributed(dist_backend="gloo")
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+engine, opt, _, sched = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+x = torch.randn(2, 8, dtype=torch.bfloat16)
+for _ in range(4):
+    loss = engine(x).float().pow(2).mean(); engine.backward(loss); engine.step()
+print("OK", type(sched).__name__, engine.zero_optimization_stage())
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    stage = json.loads(path.read_text())["zero_optimization"]["stage"]
+    assert f"OK WarmupCosineLR {stage}" in result.stdout
+
+
+def test_matching_scheduler_keeps_the_json_choices() -> None:
+    """When the JSON's scheduler is already the right kind, its own choices (not the training
+    config's) survive: here a floor for the cosine decay and a log warm-up."""
+    ds = {
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "cos_min_ratio": 0.1,
+                "warmup_type": "log",
+                "total_num_steps": "auto",
+                "warmup_num_steps": "auto",
+            },
+        },
+    }
+    params = fill_deepspeed(ds, TRAINING, ENV, world_size=1, total_steps=100).config["scheduler"]["params"]
+    assert params["cos_min_ratio"] == 0.1 and params["warmup_type"] == "log"
+    assert params["total_num_steps"] == 100 and params["warmup_num_steps"] == 5

@@ -1,0 +1,184 @@
+"""The sweep's own logic without a cluster: UniqueSearch around a real OptunaSearch (in-memory
+study), ranking and its tie-breaks, the state file round trip, concurrency from resources and the
+search-space override grammar."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from raytune_qvl.errors import ConfigError
+from raytune_qvl.sweep.load import load_search_space, parse_space_override
+from raytune_qvl.sweep.plan import concurrency_for
+from raytune_qvl.sweep.points import PointResolver
+from raytune_qvl.sweep.records import TrialRecord, best_record, last_value, point_key, rank
+from raytune_qvl.sweep.space import Domain, Stage
+from raytune_qvl.sweep.state import SweepState
+
+RANKS = {"lora.r": Domain(choices=[4, 8])}
+
+
+@pytest.fixture(scope="module")
+def tiny_space():
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the shipped file's base configs are relative to the repository root
+    try:
+        return load_search_space(ROOT / "search_spaces" / "tiny_cpu.yaml", check_files=False)
+    finally:
+        os.chdir(cwd)
+
+
+def _resolver(tiny_space) -> PointResolver:
+    space, base = tiny_space
+    return PointResolver(space.model_dump(mode="json"), base.model_dump(mode="json"), {}, 16)
+
+
+def _search(tiny_space, known: dict, points_to_evaluate: list | None = None):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raytune_qvl.sweep.search import UniqueSearch, optuna_space
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    inner = OptunaSearch(
+        space=optuna_space(RANKS, {"lora.r": int}),
+        metric="eval_cer",
+        mode="min",
+        sampler=optuna.samplers.TPESampler(seed=0),
+        points_to_evaluate=points_to_evaluate,
+    )
+    return UniqueSearch(inner, _resolver(tiny_space), RANKS, known, seed=0)
+
+
+def _key(tiny_space, r: int) -> tuple:
+    return point_key(_resolver(tiny_space).overrides({"lora.r": r}))
+
+
+def test_a_repeat_suggestion_is_told_the_known_result_and_not_trained(tiny_space) -> None:
+    # Optuna's first suggestion is the point trained in an earlier stage (r=4, CER 0.5)
+    search = _search(tiny_space, {_key(tiny_space, 4): 0.5}, points_to_evaluate=[{"lora.r": 4}])
+    suggested = search.suggest("trial-1")
+    assert suggested == {"lora.r": 8}  # the other point, not the repeat
+    study = search.inner._ot_study
+    told = [t for t in study.trials if t.params == {"lora.r": 4}]
+    assert len(told) == 1 and told[0].value == pytest.approx(0.5) and told[0].state.name == "COMPLETE"
+
+
+def test_an_exhausted_finite_space_ends_the_stage(tiny_space) -> None:
+    from ray.tune.search import Searcher
+
+    search = _search(tiny_space, {_key(tiny_space, 4): 0.5, _key(tiny_space, 8): 0.7})
+    assert search.suggest("trial-1") == Searcher.FINISHED
+
+
+def test_a_finished_trial_becomes_known_and_a_failed_one_is_told_as_failed(tiny_space) -> None:
+    from ray.tune.search import Searcher
+
+    search = _search(tiny_space, {})
+    first = search.suggest("trial-1")
+    second = search.suggest("trial-2")
+    assert {first["lora.r"], second["lora.r"]} == {4, 8}  # two trials, two distinct points
+    search.on_trial_complete("trial-1", {"eval_cer": 0.25})
+    search.on_trial_complete("trial-2", None, error=True)
+    assert search.known[_key(tiny_space, first["lora.r"])] == 0.25
+    states = sorted(t.state.name for t in search.inner._ot_study.trials)
+    assert states == ["COMPLETE", "FAIL"]
+    assert search.suggest("trial-3") == Searcher.FINISHED  # both points tried
+
+
+def _record(trial: str, value: float | None, status: str = "completed") -> TrialRecord:
+    return TrialRecord(trial, "stage1-training_learning_rate", {"training.learning_rate": 1e-3}, {}, value, status)
+
+
+def test_rank_puts_the_best_first_and_a_completed_trial_before_a_stopped_tie() -> None:
+    records = [
+        _record("stopped", 0.2, "stopped"),
+        _record("worse", 0.3),
+        _record("failed", 0.01, "failed"),
+        _record("nan", math.nan),
+        _record("none", None),
+        _record("completed", 0.2),
+    ]
+    assert [r.trial_id for r in rank(records, "min")] == ["completed", "stopped", "worse"]
+    assert [r.trial_id for r in rank(records, "max")] == ["worse", "completed", "stopped"]
+    assert best_record(records, "min").trial_id == "completed"
+    assert best_record([_record("failed", 0.1, "failed")], "min") is None
+
+
+def test_a_trials_value_is_its_last_reported_number() -> None:
+    history = [{"eval_cer": 0.5}, {"loss": 1.0}, {"eval_cer": 0.3}, {"eval_cer": math.nan}]
+    assert last_value(history, "eval_cer") == 0.3
+    assert last_value([{"loss": 1.0}], "eval_cer") is None
+
+
+def test_point_keys_ignore_float_noise_and_order() -> None:
+    a = point_key({"lora.r": 8, "training.learning_rate": 3e-4 * (1 + 1e-13)})
+    assert a == point_key({"training.learning_rate": 3e-4, "lora.r": 8})
+    assert a != point_key({"training.learning_rate": 3.1e-4, "lora.r": 8})
+
+
+def test_the_state_file_round_trips(tmp_path: Path) -> None:
+    state = SweepState(name="s", tracking_uri="sqlite:////x.db", parent_run_id="p1")
+    state.stages["stage1-training_learning_rate"] = {"status": "done", "best": {"training.learning_rate": 1e-3}}
+    state.set_stage_records("stage1-training_learning_rate", [_record("a", 0.2), _record("b", None, "failed")])
+    reused = TrialRecord("a", "stage2-lora_r", {"lora.r": 8}, {}, 0.2, "reused")
+    state.set_stage_records("stage2-lora_r", [reused])
+    path = tmp_path / "sweep_state.json"
+    state.save(path)
+    again = SweepState.load(path)
+    assert again == state
+    assert [r.trial_id for r in again.trained()] == ["a", "b"]  # the reused record is no trial of its own
+    assert again.counts() == {"completed": 1, "stopped": 0, "failed": 1}
+    # a stage's records are replaced, not appended, when the stage is recorded again
+    again.set_stage_records("stage1-training_learning_rate", [_record("c", 0.1)])
+    assert sorted(r.trial_id for r in again.records()) == ["a", "c"]
+
+
+def test_concurrency_follows_the_resources(tiny_space) -> None:
+    space, _ = tiny_space
+
+    def with_resources(**changes):
+        return space.model_copy(update={"resources": space.resources.model_copy(update=changes)})
+
+    assert concurrency_for(with_resources(workers_per_trial=1, cpus_per_worker=1), cpus=2, gpus=0) == 2
+    assert concurrency_for(with_resources(workers_per_trial=2, cpus_per_worker=1), cpus=2, gpus=0) == 1
+    assert concurrency_for(with_resources(workers_per_trial=2, cpus_per_worker=4), cpus=2, gpus=0) == 1  # at least one
+    # on a joined cluster each trial's own process takes a CPU too
+    assert concurrency_for(with_resources(workers_per_trial=1, cpus_per_worker=1), cpus=8, gpus=0, trial_cpu=1) == 4
+    assert concurrency_for(with_resources(workers_per_trial=1, max_concurrent_trials=3), cpus=16, gpus=0) == 3
+    gpu = with_resources(use_gpu=True, workers_per_trial=4, cpus_per_worker=8, gpus_per_worker=1)
+    assert concurrency_for(gpu, cpus=128, gpus=8) == 2  # GPUs bound it, not CPUs
+    with pytest.raises(ConfigError, match="a trial needs 4 GPUs; the cluster has 2"):
+        concurrency_for(gpu, cpus=128, gpus=2)
+
+
+@pytest.mark.parametrize(
+    "text, parsed",
+    [
+        ("resources.max_concurrent_trials=2", (["resources", "max_concurrent_trials"], 2)),
+        ("strategy=joint", (["strategy"], "joint")),
+        ("overrides.data.train_path=/shared/train.jsonl", (["overrides", "data.train_path"], "/shared/train.jsonl")),
+        ("parameters.training.learning_rate.high=1e-3", (["parameters", "training.learning_rate", "high"], 1e-3)),
+        ("parameters.lora.r={choices: [4, 8]}", (["parameters", "lora.r"], {"choices": [4, 8]})),
+        ("trials_per_stage.lora.r=4", (["trials_per_stage", "lora.r"], 4)),
+        ("mlflow.tracking_uri=", (["mlflow", "tracking_uri"], None)),
+    ],
+)
+def test_the_search_space_override_grammar(text: str, parsed: tuple) -> None:
+    assert parse_space_override(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["strategy", "=joint", "resources..x=1"])
+def test_a_malformed_override_is_one_clear_error(text: str) -> None:
+    with pytest.raises(ConfigError, match="an override is key=value"):
+        parse_space_override(text)
+
+
+def test_a_stage_label_names_its_parameter() -> None:
+    assert Stage(3, "effective_batch", {}, 2).label == "stage3-effective_batch"
+    assert Stage(1, "training.learning_rate", {}, 4).label == "stage1-training_learning_rate"
