@@ -16,9 +16,36 @@ from raytune_qvl.config.write import write_configs
 from raytune_qvl.track.tracker import TAG_KIND, TAG_STRATEGY, Tracker
 from raytune_qvl.track.views import label_mask_html, predictions_html
 
-__all__ = ["log_inputs", "log_audit", "log_predictions", "log_sweep_start", "log_stage_best", "log_sweep_result"]
+__all__ = [
+    "open_training_run",
+    "log_inputs",
+    "log_audit",
+    "log_predictions",
+    "log_training_outputs",
+    "log_sweep_start",
+    "log_stage_best",
+    "log_sweep_result",
+]
 
 log = logging.getLogger("raytune_qvl")
+
+
+def open_training_run(tracker: Tracker, cfg: Any, pre: Any, previous: str | None) -> str:
+    """The run of this output folder: `previous` reopened when it is still in the store (a
+    resumed run continues its MLflow run), else a new run with its inputs logged."""
+    if previous and tracker.reopen(previous):
+        log.info("continuing MLflow run %s", previous)
+        return previous
+    run_id = tracker.start_run(cfg.output.run_name or Path(cfg.output.dir).name, {TAG_KIND: "train"})
+    log_inputs(tracker, run_id, cfg, pre)
+    return run_id
+
+
+def log_training_outputs(tracker: Tracker, run_id: str, final_dir: Path, predictions: Path) -> None:
+    """The final adapter folder and the predictions behind the best checkpoint."""
+    if final_dir.is_dir():
+        tracker.log_artifact(run_id, final_dir, "final")
+    log_predictions(tracker, run_id, predictions)
 
 
 def log_inputs(tracker: Tracker, run_id: str, cfg: Any, pre: Any) -> None:

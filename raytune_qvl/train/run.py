@@ -83,8 +83,8 @@ def run_training(
     cfg: Config, *, resume: str | None = None, use_ray: bool = True, overwrite: bool = False
 ) -> TrainResult:
     from raytune_qvl.cluster import check_outputs_outside_job_dir
-    from raytune_qvl.track.runs import log_inputs, log_predictions
-    from raytune_qvl.track.tracker import TAG_KIND, check_server, connect
+    from raytune_qvl.track.runs import log_training_outputs, open_training_run
+    from raytune_qvl.track.tracker import check_server, connect
 
     launched = time.time()
     if not use_ray:
@@ -113,12 +113,8 @@ def run_training(
     tracker, run_id = None, None
     if uri:
         tracker = connect(uri, cfg.output.experiment_name)
-        run_id = record.get("mlflow_run_id") if record.get("tracking_uri") == uri else None
-        if run_id and tracker.reopen(run_id):
-            log.info("continuing MLflow run %s", run_id)
-        else:
-            run_id = tracker.start_run(cfg.output.run_name or Path(cfg.output.dir).name, {TAG_KIND: "train"})
-            log_inputs(tracker, run_id, cfg, pre)
+        previous = record.get("mlflow_run_id") if record.get("tracking_uri") == uri else None
+        run_id = open_training_run(tracker, cfg, pre, previous)
         record = {"mlflow_run_id": run_id, "tracking_uri": uri, "ray_run_name": ray_run_name(cfg)}
         (Path(cfg.output.dir) / RUN_FILE).write_text(json.dumps(record))
 
@@ -145,9 +141,7 @@ def run_training(
         with tracker.outcome(run_id):
             metrics = fit()
             out = Path(cfg.output.dir)
-            if (out / FINAL_DIR).is_dir():
-                tracker.log_artifact(run_id, out / FINAL_DIR, "final")
-            log_predictions(tracker, run_id, out / BEST_DIR / PREDICTIONS_FILE)
+            log_training_outputs(tracker, run_id, out / FINAL_DIR, out / BEST_DIR / PREDICTIONS_FILE)
     return TrainResult(Path(cfg.output.dir), metrics, run_id, uri, history)
 
 
