@@ -26,22 +26,24 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-$(ASSETS)/tiny-qwen25vl/config.json: $(STAMP) raytune_qvl/assets/tiny.py
+# the pre-trained tiny base (about 7 minutes once per machine, then copied from ~/.cache/raytune_qvl/models)
+$(ASSETS)/tiny-qwen25vl/MODEL_CARD.md: $(STAMP) $(wildcard raytune_qvl/assets/*.py) configs/tiny/base_training_config.yaml
 	$(PY) -m raytune_qvl.tiny $(ASSETS)/tiny-qwen25vl
 
-$(ASSETS)/data/ocr_doc/train.jsonl: $(STAMP) raytune_qvl/assets/synth.py
-	$(PY) -m raytune_qvl.synth $(ASSETS)/data/ocr_doc --task ocr_doc --train 256 --eval 32 --seed 0
+# the target domain the demo and the tests fine-tune on, with a test split no choice uses
+$(ASSETS)/data/forms/train.jsonl: $(STAMP) raytune_qvl/assets/synth.py raytune_qvl/assets/domains.py
+	$(PY) -m raytune_qvl.synth $(ASSETS)/data/forms --task ocr_doc --domain forms --train 256 --eval 64 --test 64 --seed 0
 
-assets: $(ASSETS)/tiny-qwen25vl/config.json $(ASSETS)/data/ocr_doc/train.jsonl
+assets: $(ASSETS)/tiny-qwen25vl/MODEL_CARD.md $(ASSETS)/data/forms/train.jsonl
 
 # the main job: a staged Optuna + ASHA sweep of Ray Train trials on the tiny CPU default
 demo: assets
 	$(PY) -m raytune_qvl.sweep search_spaces/tiny_cpu.yaml --overwrite
 
-# one training run of the tiny default (2 Ray workers, DeepSpeed ZeRO-2)
+# one training run of the tiny default (2 Ray workers, DeepSpeed ZeRO-2, LoRA on the forms domain)
 demo-train: assets
 	$(PY) -m raytune_qvl.train --config configs/tiny/training_config.yaml \
-		--lora_config configs/tiny/lora_config.yaml --deepspeed configs/ds_config_zero2.json --overwrite
+		--lora_config configs/tiny/lora_config.yaml --deepspeed configs/tiny/ds_config_zero2.json --overwrite
 
 # Debian packages some tests use: headless Chromium + chromedriver (the MLflow UI test) and
 # PostgreSQL (a tracking server's backend). Installed when running as root; otherwise those

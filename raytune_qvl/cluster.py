@@ -15,17 +15,20 @@ log = logging.getLogger("raytune_qvl")
 
 
 @contextmanager
-def ray_session(address: str | None, *, min_cpus: int = 1, min_gpus: int = 0) -> Iterator[None]:
+def ray_session(
+    address: str | None, *, min_cpus: int = 1, min_gpus: int = 0, log_to_driver: bool = True
+) -> Iterator[None]:
     """Ray for the duration of the block. A new local cluster gets at least `min_cpus`
     logical CPUs: Tune does not count the Train workers' CPUs, so the logical pool must hold
-    every concurrent trial's controller and workers even on a 2-core machine."""
+    every concurrent trial's controller and workers even on a 2-core machine. Without
+    `log_to_driver`, worker output stays in Ray's session logs (a sweep shows its own progress)."""
     import ray
 
     if ray.is_initialized():
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict = {"log_to_driver": True, "logging_level": logging.WARNING, "configure_logging": True}
+    kwargs: dict = {"log_to_driver": log_to_driver, "logging_level": logging.WARNING, "configure_logging": True}
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -18,8 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / ".assets"
 TINY_TRAIN = ROOT / "configs" / "tiny" / "training_config.yaml"
 TINY_LORA = ROOT / "configs" / "tiny" / "lora_config.yaml"
-ZERO2 = ROOT / "configs" / "ds_config_zero2.json"
-ZERO3 = ROOT / "configs" / "ds_config_zero3_offload.json"
+# the seed's DeepSpeed JSONs (bf16) and the tiny CPU default's (the same, precision from the config: fp32)
+SEED_ZERO2 = ROOT / "configs" / "ds_config_zero2.json"
+SEED_ZERO3 = ROOT / "configs" / "ds_config_zero3_offload.json"
+ZERO2 = ROOT / "configs" / "tiny" / "ds_config_zero2.json"
+ZERO3 = ROOT / "configs" / "tiny" / "ds_config_zero3_offload.json"
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,27 +39,14 @@ def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """.assets/ as `make assets` builds it (built here if missing)."""
-    model = ASSETS / "tiny-qwen25vl" / "config.json"
-    data = ASSETS / "data" / "ocr_doc" / "train.jsonl"
+    model = ASSETS / "tiny-qwen25vl" / "MODEL_CARD.md"
+    data = ASSETS / "data" / "forms" / "train.jsonl"
     if not model.exists():
         subprocess.run([sys.executable, "-m", "raytune_qvl.tiny", str(model.parent)], check=True, cwd=ROOT)
     if not data.exists():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "raytune_qvl.synth",
-                str(data.parent),
-                "--task",
-                "ocr_doc",
-                "--train",
-                "256",
-                "--eval",
-                "32",
-            ],
-            check=True,
-            cwd=ROOT,
-        )
+        synth = ["raytune_qvl.synth", str(data.parent), "--task", "ocr_doc", "--domain", "forms"]
+        sizes = ["--train", "256", "--eval", "64", "--test", "64", "--seed", "0"]
+        subprocess.run([sys.executable, "-m", *synth, *sizes], check=True, cwd=ROOT)
     return ASSETS
 
 

@@ -1,10 +1,13 @@
 """Synthetic OCR data, rendered locally and deterministic from a seed: text lines (ocr_doc),
-LaTeX-like formulas drawn as math (ocr_formula), shapes with questions (general_vqa).
+LaTeX-like formulas drawn as math (ocr_formula), shapes with questions (general_vqa), and the
+OCR domains of the embedded default (`--domain base|forms`, see domains.py).
 
-Run as: python -m raytune_qvl.synth OUT_DIR --task ocr_doc [--train 256 --eval 32 --seed 0]
+Run as: python -m raytune_qvl.synth OUT_DIR --task ocr_doc [--domain forms] [--train 256 --eval 32 --test 0]
 
-Writes OUT_DIR/train.jsonl, OUT_DIR/eval.jsonl and OUT_DIR/images/, in the project's own
-record schema (see README "Data") or, with --format, LLaMA-Factory's or Qwen's.
+Writes OUT_DIR/train.jsonl, OUT_DIR/eval.jsonl (and test.jsonl with --test) and OUT_DIR/images/,
+in the project's own record schema (see README "Data") or, with --format, LLaMA-Factory's or Qwen's.
+`--curriculum 6000:1-1,8000:1-4` writes the training split in that order first (6,000 samples of
+one character, then 8,000 of one to four), then the rest at the domain's lengths.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Callable, Iterator
 
 from PIL import Image, ImageDraw, ImageFont
 
+from raytune_qvl.assets import domains
 from raytune_qvl.config.schema import DEFAULT_PROMPTS, TASKS
 
 __all__ = ["TASKS", "Example", "generate", "write_dataset", "text_corpus", "main"]
@@ -245,10 +249,20 @@ _GENERATORS: dict[str, Callable[[random.Random], Example]] = {
 }
 
 
-def generate(task: str, n: int, seed: int = 0) -> Iterator[Example]:
-    """n examples of a task; the same seed gives the same images and texts."""
+def generate(
+    task: str, n: int, seed: int = 0, domain: str | None = None, lengths: tuple[int, int] | None = None
+) -> Iterator[Example]:
+    """n examples of a task (of one of its domains); the same seed gives the same images and texts."""
     if task not in _GENERATORS:
         raise ValueError(f"unknown task {task!r}; one of {', '.join(TASKS)}")
+    if domain is not None:
+        if task != "ocr_doc":
+            raise ValueError(f"domains are document OCR; task {task!r} has none")
+        rng = random.Random(f"{domain}-{seed}")
+        for _ in range(n):
+            image, text = domains.sample(domains.DOMAINS[domain], rng, lengths)
+            yield Example(image, DEFAULT_PROMPTS["ocr_doc"], text, "ocr_doc")
+        return
     rng = random.Random(f"{task}-{seed}")
     for _ in range(n):
         yield _GENERATORS[task](rng)
@@ -262,6 +276,10 @@ def text_corpus(n: int = 600, seed: int = 0) -> Iterator[str]:
             ex = _GENERATORS[task](rng)
             yield ex.prompt
             yield ex.answer
+    for name, domain in domains.DOMAINS.items():
+        rng = random.Random(f"corpus-{name}-{seed}")
+        for _ in range(n):
+            yield domains.TEXT_KINDS[rng.choice(domain.texts)](rng, domain.lengths)
     yield " ".join(_WORDS)
 
 
@@ -286,19 +304,41 @@ def _record(fmt: str, image: str, ex: Example, idx: str) -> dict:
     }
 
 
+def _examples(task: str, n: int, seed: int, domain: str | None, curriculum: list[tuple[int, tuple[int, int]]]):
+    """A split's examples: the curriculum's phases in order (each its own seed), then the rest."""
+    done = 0
+    for phase, (count, lengths) in enumerate(curriculum):
+        count = min(count, n - done)
+        yield from generate(task, count, seed * 7919 + phase + 1, domain, lengths)
+        done += count
+    yield from generate(task, n - done, seed, domain)
+
+
 def write_dataset(
-    out_dir: str | os.PathLike, task: str, n_train: int, n_eval: int, seed: int = 0, fmt: str = "raytune"
+    out_dir: str | os.PathLike,
+    task: str,
+    n_train: int,
+    n_eval: int,
+    seed: int = 0,
+    fmt: str = "raytune",
+    *,
+    n_test: int = 0,
+    domain: str | None = None,
+    curriculum: list[tuple[int, tuple[int, int]]] | None = None,
 ) -> dict[str, Path]:
-    """Render and write train.jsonl / eval.jsonl (+ images/). Written to a temporary folder
-    first and moved into place, so an interrupted run leaves nothing half-written."""
+    """Render and write train.jsonl / eval.jsonl (/ test.jsonl) (+ images/). Written to a temporary
+    folder first and moved into place, so an interrupted run leaves nothing half-written."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
     paths = {}
-    for split, n, split_seed in (("train", n_train, seed), ("eval", n_eval, seed + 1_000_003)):
+    splits = [("train", n_train, seed, curriculum or []), ("eval", n_eval, seed + 1_000_003, [])]
+    if n_test:
+        splits.append(("test", n_test, seed + 2_000_006, []))
+    for split, n, split_seed, phases in splits:
         lines = []
-        for i, ex in enumerate(generate(task, n, split_seed)):
+        for i, ex in enumerate(_examples(task, n, split_seed, domain, phases)):
             rel = f"images/{split}_{i:05d}.png"
             ex.image.save(tmp / rel)
             lines.append(json.dumps(_record(fmt, rel, ex, f"{split}-{i:05d}"), ensure_ascii=False))
@@ -316,15 +356,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", choices=TASKS, default="ocr_doc")
     parser.add_argument("--train", type=int, default=256, help="training examples (default 256)")
     parser.add_argument("--eval", type=int, default=32, help="eval examples (default 32)")
+    parser.add_argument("--test", type=int, default=0, help="test examples, held out of every choice (default 0)")
+    parser.add_argument("--domain", choices=sorted(domains.DOMAINS), default=None, help="an OCR domain (ocr_doc)")
+    parser.add_argument("--curriculum", default="", help="COUNT:MIN-MAX,... phases of the training split")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--format", choices=FORMATS, default="raytune", help="record schema (default: the project's own)"
     )
     args = parser.parse_args(argv)
-    if args.train < 1 or args.eval < 0:
-        parser.error("--train must be >= 1 and --eval >= 0")
-    paths = write_dataset(args.out_dir, args.task, args.train, args.eval, args.seed, args.format)
-    print(f"wrote {args.train} training and {args.eval} eval examples ({args.task}) to {paths['train'].parent}")
+    if args.train < 1 or args.eval < 0 or args.test < 0:
+        parser.error("--train must be >= 1, --eval and --test >= 0")
+    if args.domain and args.task != "ocr_doc":
+        parser.error(f"--domain is for --task ocr_doc, not {args.task}")
+    try:
+        curriculum = [_phase(p) for p in args.curriculum.split(",") if p.strip()]
+    except ValueError:
+        parser.error(f"--curriculum {args.curriculum!r}: write COUNT:MIN-MAX phases, e.g. 6000:1-1,8000:1-4")
+    paths = write_dataset(
+        args.out_dir, args.task, args.train, args.eval, args.seed, args.format,
+        n_test=args.test, domain=args.domain, curriculum=curriculum,
+    )  # fmt: skip
+    what = f"{args.task}, domain {args.domain}" if args.domain else args.task
+    counts = f"{args.train} training, {args.eval} eval" + (f" and {args.test} test" if args.test else "")
+    print(f"wrote {counts} examples ({what}) to {paths['train'].parent}")
+
+
+def _phase(text: str) -> tuple[int, tuple[int, int]]:
+    """'6000:1-4' -> (6000, (1, 4))."""
+    count, _, span = text.partition(":")
+    low, _, high = span.partition("-")
+    phase = int(count), (int(low), int(high or low))
+    if phase[0] < 1 or not 1 <= phase[1][0] <= phase[1][1]:
+        raise ValueError(text)
+    return phase
 
 
 if __name__ == "__main__":

@@ -1,21 +1,20 @@
 """A tiny random Qwen2.5-VL, built locally: a byte-level BPE tokenizer trained on the synthetic
 corpus with Qwen's special tokens and chat template, the real Qwen2.5-VL processor, and a
-randomly initialised model, saved as an ordinary checkpoint folder.
+randomly initialised model, saved as an ordinary checkpoint folder. base.py pre-trains it.
 
-Run as: python -m raytune_qvl.tiny OUT_DIR
+Run as: python -m raytune_qvl.tiny OUT_DIR --random
 
 It loads through exactly the code that loads Qwen/Qwen2.5-VL-7B-Instruct (model.load_model).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 from pathlib import Path
 
-__all__ = ["QWEN_CHAT_TEMPLATE", "SPECIAL_TOKENS", "build_tiny", "main"]
+__all__ = ["QWEN_CHAT_TEMPLATE", "SPECIAL_TOKENS", "build_tiny"]
 
 # Qwen2.5-VL-Instruct's chat template (the default system prompt when none is given).
 QWEN_CHAT_TEMPLATE = (
@@ -89,8 +88,9 @@ def _train_tokenizer(vocab_size: int):
     return tokenizer
 
 
-def build_tiny(out_dir: str | os.PathLike, *, vocab_size: int = 640, seed: int = 0) -> Path:
-    """Build and save the tiny model + processor to out_dir (replaced if present)."""
+def build_tiny(out_dir: str | os.PathLike, *, vocab_size: int = 400, seed: int = 0) -> Path:
+    """Build and save the tiny random model + processor to out_dir (replaced if present). The
+    vocabulary is small (bytes + about a hundred merges): the model reads characters."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
@@ -101,32 +101,31 @@ def build_tiny(out_dir: str | os.PathLike, *, vocab_size: int = 640, seed: int =
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 4,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "max_position_embeddings": 4096,
-            # head_dim 16: the three M-RoPE sections (time, height, width) sum to head_dim / 2
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]},
-            # a frozen random lm_head with 0.02 caps logits near +-1.3 and LoRA cannot fit
-            "initializer_range": 0.2,
+            # head_dim 32: the three M-RoPE sections (time, height, width) sum to head_dim / 2
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [4, 6, 6]},
+            "initializer_range": 0.02,  # every weight is pre-trained (base.py), as in a real checkpoint
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
             "tie_word_embeddings": False,
         },
         vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
+            "depth": 4,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_heads": 4,
+            "out_hidden_size": 128,
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
             "window_size": 112,
-            "fullatt_block_indexes": [1],
+            "fullatt_block_indexes": [1, 3],
             "tokens_per_second": 2,
         },
         image_token_id=ids["<|image_pad|>"],
@@ -141,7 +140,7 @@ def build_tiny(out_dir: str | os.PathLike, *, vocab_size: int = 640, seed: int =
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
 
     image_processor = Qwen2VLImageProcessor(
-        min_pixels=56 * 56, max_pixels=28 * 28 * 1280, patch_size=14, merge_size=2, temporal_patch_size=2
+        min_pixels=28 * 28, max_pixels=28 * 28 * 1280, patch_size=14, merge_size=2, temporal_patch_size=2
     )
     video_processor = Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
     processor = Qwen2_5_VLProcessor(
@@ -159,17 +158,3 @@ def build_tiny(out_dir: str | os.PathLike, *, vocab_size: int = 640, seed: int =
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m raytune_qvl.tiny", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    out = build_tiny(args.out_dir, seed=args.seed)
-    size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
-    print(f"tiny Qwen2.5-VL written to {out} ({size:.1f} MB)")
-
-
-if __name__ == "__main__":
-    main()

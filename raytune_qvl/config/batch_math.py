@@ -42,13 +42,18 @@ def accumulation_for(target: int, micro: int, workers: int) -> int:
     return target // per_step
 
 
-def scale_lr(lr: float, new_batch: int, base_batch: int) -> float:
-    """Linear scaling rule: lr_new = lr_base x B_new / B_base.
+def scale_lr(lr: float, new_batch: int, base_batch: int, rule: str = "linear") -> float:
+    """A learning rate moved to another effective batch: lr x (B_new / B_base) ** p, with p = 1 for
+    the linear rule (SGD's), 1/2 for the square-root rule (Adam's: Malladi et al. 2022, "On the
+    SDEs and scaling rules for adaptive gradient algorithms"), 0 for none.
 
     >>> scale_lr(2e-4, new_batch=64, base_batch=32)
     0.0004
+    >>> round(scale_lr(2e-4, new_batch=128, base_batch=32, rule="sqrt"), 10)
+    0.0004
     """
-    return lr * new_batch / base_batch
+    power = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}[rule]
+    return lr * (new_batch / base_batch) ** power
 
 
 def steps_per_epoch(num_samples: int, micro: int, workers: int, accum: int) -> int:

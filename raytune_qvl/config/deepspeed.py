@@ -18,7 +18,16 @@ from raytune_qvl.config.batch_math import effective_batch, warmup_steps
 from raytune_qvl.config.schema import EnvironmentConfig, TrainingConfig
 from raytune_qvl.errors import ConfigError, Problem
 
-__all__ = ["FilledDeepSpeed", "check_deepspeed", "fill_deepspeed", "zero_stage", "find_autos", "SCHEDULERS"]
+__all__ = [
+    "FilledDeepSpeed",
+    "check_deepspeed",
+    "fill_deepspeed",
+    "zero_stage",
+    "find_autos",
+    "warmup_num_steps",
+    "first_step_ratio",
+    "SCHEDULERS",
+]
 
 AUTO = "auto"
 
@@ -30,9 +39,11 @@ SCHEDULERS: dict[str, str | None] = {
     "constant": None,
 }
 _ADAM_TYPES = {"adam", "adamw"}
-# scheduler params the training config decides (checked for contradictions); the rest (warmup
-# type, minimum ratios) are the JSON's to choose when its scheduler kind matches
-_DECIDED_SCHEDULER_PARAMS = {"total_num_steps", "warmup_num_steps", "warmup_max_lr"}
+# scheduler params the training config decides (the steps and peak: an explicit contradiction is an
+# error; the warm-up's start: overridden with a note); the rest (warmup type, cos_min_ratio) are the
+# JSON's to choose when its scheduler kind matches
+_FIRST_STEP_PARAMS = ("warmup_min_ratio", "warmup_min_lr")  # set so the first step's rate is > 0
+_DECIDED_SCHEDULER_PARAMS = {"total_num_steps", "warmup_num_steps", "warmup_max_lr", *_FIRST_STEP_PARAMS}
 
 # nested "auto"s that depend on the model width (the Hugging Face integration's rules) and the
 # DeepSpeed defaults used when the width is unknown
@@ -90,13 +101,37 @@ def _dictated(training: TrainingConfig, env: EnvironmentConfig, world_size: int)
     }
 
 
-def _scheduler_params(kind: str, training: TrainingConfig, total: int | None, warmup: int | None) -> dict[str, Any]:
+def warmup_num_steps(total: int, ratio: float) -> int:
+    """The warm-up DeepSpeed runs: ceil(total x ratio), and at least 2 (its warm-up schedulers take
+    no fewer; with warmup_ratio 0 the two run at the peak rate, see first_step_ratio).
+
+    >>> warmup_num_steps(45, 0.05), warmup_num_steps(100, 0.005), warmup_num_steps(100, 0.0)
+    (3, 2, 2)
+    """
+    return max(2, warmup_steps(total, ratio))
+
+
+def first_step_ratio(warmup: int, ratio: float) -> float:
+    """The first optimizer step's share of the peak learning rate: 1 / (warmup + 1), so the warm-up
+    runs 1/(W+1), 2/(W+1), ... W/(W+1), then the peak (DeepSpeed's schedulers would start at 0 and
+    waste the first step); 1 without warm-up (warmup_ratio 0).
+
+    >>> first_step_ratio(3, 0.05), first_step_ratio(2, 0.0)
+    (0.25, 1.0)
+    """
+    return 1.0 if ratio == 0 else 1.0 / (warmup + 1)
+
+
+def _scheduler_params(kind: str, training: TrainingConfig, total: int | None, warmup: int) -> dict[str, Any]:
     lr = training.learning_rate
+    first = first_step_ratio(warmup, training.warmup_ratio)
     if kind == "WarmupCosineLR":
         return {
-            "total_num_steps": total,
+            # started at the first step (engine.build_engine), DeepSpeed's cosine reaches its floor at
+            # step `total`: one more keeps the last step training
+            "total_num_steps": None if total is None else total + 1,
             "warmup_num_steps": warmup,
-            "warmup_min_ratio": 0.0,
+            "warmup_min_ratio": first,
             "cos_min_ratio": 0.0,
             "warmup_type": "linear",
         }
@@ -104,11 +139,11 @@ def _scheduler_params(kind: str, training: TrainingConfig, total: int | None, wa
         return {
             "total_num_steps": total,
             "warmup_num_steps": warmup,
-            "warmup_min_lr": 0.0,
+            "warmup_min_lr": lr * first,
             "warmup_max_lr": lr,
             "warmup_type": "linear",
         }
-    return {"warmup_num_steps": warmup, "warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_type": "linear"}
+    return {"warmup_num_steps": warmup, "warmup_min_lr": lr * first, "warmup_max_lr": lr, "warmup_type": "linear"}
 
 
 def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
@@ -246,7 +281,7 @@ def fill_deepspeed(
 
     Raises ConfigError when an explicit value contradicts the training config.
     """
-    warmup = max(1, warmup_steps(total_steps, training.warmup_ratio))
+    warmup = warmup_num_steps(total_steps, training.warmup_ratio)
     problems = check_deepspeed(ds, training, env, world_size, total_steps, warmup)
     if problems:
         raise ConfigError([Problem(source, key, rule, value) for key, rule, value in problems])
@@ -293,10 +328,10 @@ def fill_deepspeed(
                     if v != AUTO and k in params and k not in _DECIDED_SCHEDULER_PARAMS
                 }
             )
-        if training.warmup_ratio == 0:
-            notes.append(
-                "scheduler: DeepSpeed's warmup schedulers take at least one warmup step; warmup_ratio 0 gives 1"
-            )
+        for key in _FIRST_STEP_PARAMS:  # the first step trains: a warm-up from 0 would waste it
+            written = (old.get("params") or {}).get(key) if old is not None and old.get("type") == want_kind else None
+            if key in params and isinstance(written, int | float) and not _same(written, params[key]):
+                notes.append(f"scheduler: {key} {written:g} raised to {params[key]:.3g}: the first step trains")
         out["scheduler"] = {"type": want_kind, "params": params}
 
     for path, (rule, default) in _WIDTH_RULES.items():

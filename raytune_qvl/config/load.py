@@ -152,6 +152,12 @@ def load_config(
             "Qwen2.5-VL does not need it",
             sources(["model", "trust_remote_code"]),
         )
+    if cfg.training.finetuning_type == "full" and lora_path:
+        log.warning(
+            "%s: not used: %s sets training.finetuning_type to full (every weight trains, no LoRA)",
+            lora_path,
+            sources(["training", "finetuning_type"]),
+        )
     return _absolute_paths(cfg)
 
 

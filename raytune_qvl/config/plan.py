@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from raytune_qvl.config import batch_math
-from raytune_qvl.config.deepspeed import fill_deepspeed, zero_stage
+from raytune_qvl.config.deepspeed import fill_deepspeed, first_step_ratio, zero_stage
 from raytune_qvl.config.schema import Config
 from raytune_qvl.errors import ConfigError, Problem
 
@@ -86,6 +86,16 @@ class Plan:
     def zero_stage(self) -> int:
         return zero_stage(self.deepspeed)
 
+    def schedule_text(self) -> str:
+        """The warm-up DeepSpeed runs, with the first step's rate."""
+        t = self.cfg.training
+        if "scheduler" not in self.deepspeed:
+            return "no warm-up"
+        if t.warmup_ratio == 0:
+            return "no warm-up (the peak rate from the first step)"
+        first = first_step_ratio(self.warmup_steps, t.warmup_ratio) * t.learning_rate
+        return f"warmup {self.warmup_steps} steps (the first at {first:.3g})"
+
     @property
     def total_samples(self) -> int:
         """Training samples the whole run processes (the sweep's compute budget unit)."""
@@ -98,16 +108,20 @@ class Plan:
             f"on (r={v.vision_r}, alpha={v.vision_alpha}, {', '.join(v.vision_target_modules)})" if v.enabled else "off"
         )
         device = "GPU" if c.ray.use_gpu else "CPU"
+        if t.finetuning_type == "full":
+            trained = [("fine-tuning", "full: every weight trains (no LoRA)")]
+        else:
+            scale = f"scale={lora.lora_alpha / lora.r:g}, dropout={lora.lora_dropout}"
+            trained = [
+                ("LoRA", f"r={lora.r}, alpha={lora.lora_alpha}, {scale}"),
+                ("  targets", f"{', '.join(lora.target_modules)} (language model); vision LoRA {vision}"),
+            ]
         rows = [
             ("model", f"{c.model.name} ({c.model.torch_dtype}, attention {self.attention})"),
-            (
-                "LoRA",
-                f"r={lora.r}, alpha={lora.lora_alpha}, scale={lora.lora_alpha / lora.r:g}, dropout={lora.lora_dropout}",
-            ),
-            ("  targets", f"{', '.join(lora.target_modules)} (language model); vision LoRA {vision}"),
+            *trained,
             (
                 "learning rate",
-                f"{c.training.learning_rate:g}, {c.training.lr_scheduler_type}, warmup {self.warmup_steps} steps",
+                f"{c.training.learning_rate:g}, {c.training.lr_scheduler_type}, {self.schedule_text()}",
             ),
             ("world size", f"{self.world_size} Ray Train worker(s) on {device}"),
             ("per-worker batch", str(c.training.per_device_train_batch_size)),

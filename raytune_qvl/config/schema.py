@@ -115,6 +115,7 @@ class DataConfig(Section):
 
 
 class TrainingConfig(Section):
+    finetuning_type: Literal["lora", "full"] = "lora"  # full: every weight trains, no LoRA (lr ~1e-5..5e-5)
     num_epochs: int = Field(3, ge=1)
     per_device_train_batch_size: int = Field(2, ge=1)
     per_device_eval_batch_size: int = Field(4, ge=1)
@@ -167,7 +168,7 @@ class EvaluationConfig(Section):
     task: Literal["auto", "ocr_doc", "ocr_formula", "general_vqa"] = "auto"  # auto: from the data
     generation_samples: int = Field(32, ge=0)  # fixed, seeded eval subset decoded greedily; 0: off
     generation_every: int = Field(1, ge=1)  # decode at every N-th evaluation (it costs more than loss)
-    max_new_tokens: int = Field(128, ge=1)
+    max_new_tokens: int | None = Field(128, ge=1)  # null: the longest reference answer + 8 tokens
     label_mask_samples: int = Field(3, ge=0)  # samples rendered in the label-mask view
 
 

@@ -1,5 +1,10 @@
 """Encoded samples as model inputs: the dataset (pixels computed in DataLoader workers), the
-right-padding collator, and the sampler that shards each epoch over workers and resumes exactly."""
+right-padding collator, and the sampler that shards each epoch over workers and resumes exactly.
+
+Every sample carries `mm_token_type_ids` (text 0, image 1, video 2), made by the processor's own
+`create_mm_token_type_ids` from the prepared ids: Qwen2.5-VL builds its 3-D M-RoPE positions for
+image tokens only when it gets them, so training sees the positions of a standard inference call
+(processor -> generate), the ones the model was pre-trained with."""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import Any, Iterator, Sequence
 from raytune_qvl.data.encode import IGNORE_INDEX, Encoded
 from raytune_qvl.data.images import load_image
 
-__all__ = ["TrainDataset", "Collator", "EpochSampler"]
+__all__ = ["TrainDataset", "Collator", "EpochSampler", "mm_token_types"]
 
 
 class TrainDataset:
@@ -16,7 +21,7 @@ class TrainDataset:
 
     def __init__(self, items: Sequence[Encoded], processor: Any):
         self.items = list(items)
-        self.image_processor = processor.image_processor
+        self.processor = processor
 
     def __len__(self) -> int:
         return len(self.items)
@@ -28,16 +33,24 @@ class TrainDataset:
         out: dict[str, Any] = {
             "input_ids": torch.tensor(item.input_ids, dtype=torch.long),
             "labels": torch.tensor(item.labels, dtype=torch.long),
+            "mm_token_type_ids": mm_token_types(self.processor, item.input_ids),
         }
         if item.images:
             images = [load_image(p) for p in item.images]
-            pixels = self.image_processor(images=images, return_tensors="pt")
+            pixels = self.processor.image_processor(images=images, return_tensors="pt")
             grid = pixels["image_grid_thw"]
             if grid.tolist() != item.image_grid_thw:  # the cache and the processor disagree
                 raise RuntimeError(f"record {item.id}: image grid {grid.tolist()} != prepared {item.image_grid_thw}")
             out["pixel_values"] = pixels["pixel_values"]
             out["image_grid_thw"] = grid
         return out
+
+
+def mm_token_types(processor: Any, input_ids: Sequence[int]) -> Any:
+    """The modality of every token, as the processor marks it for the model (a long tensor)."""
+    import torch
+
+    return torch.tensor(processor.create_mm_token_type_ids([list(input_ids)])[0], dtype=torch.long)
 
 
 class Collator:
@@ -54,12 +67,19 @@ class Collator:
         input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
         attention = torch.zeros((n, longest), dtype=torch.long)
+        modality = torch.zeros((n, longest), dtype=torch.long)  # padding is text (0), as the processor pads
         for i, s in enumerate(samples):
             length = len(s["input_ids"])
             input_ids[i, :length] = s["input_ids"]
             labels[i, :length] = s["labels"]
             attention[i, :length] = 1
-        batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+            modality[i, :length] = s["mm_token_type_ids"]
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention,
+            "mm_token_type_ids": modality,
+        }
         with_images = [s for s in samples if "pixel_values" in s]
         if with_images:
             batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])

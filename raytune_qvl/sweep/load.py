@@ -219,6 +219,12 @@ def _check_space(space: SearchSpace, base: Config | None, source: str) -> list[P
     rule = metric_reported(space.metric, base.evaluation)
     if rule:
         add("metric", rule, space.metric)
+    if base.training.finetuning_type == "full":
+        for key in space.parameters:
+            if key.startswith("lora."):
+                rule = "training.finetuning_type is full: no LoRA to search; remove it"
+                add(f"parameters.{key}", rule, key, show=False)
+                broken.add(key)
     micro = base.training.per_device_train_batch_size
     workers = space.resources.workers_per_trial
     for key, domain in space.parameters.items():
@@ -250,20 +256,35 @@ def _check_space(space: SearchSpace, base: Config | None, source: str) -> list[P
         and EFFECTIVE_BATCH in space.parameters
         and LR_KEY in space.parameters
         and space.strategy == "staged"
-        and space.lr_scaling.rule == "linear"
+        and space.lr_scaling.rule != "none"
     ):
-        top_lr = max(v for v in space.parameters[LR_KEY].extremes() if v is not None)
-        top_batch = max(int(v) for v in space.parameters[EFFECTIVE_BATCH].extremes() if v is not None)
-        ref = starting_batch(base, space)
-        peak = top_lr * top_batch / ref * (1 + space.lr_scaling.local_search)
-        if peak > 1e-2:
-            add(
-                "lr_scaling",
-                f"the linear scaling rule can reach learning rate {peak:.3g} (> 0.01) "
-                f"from {top_lr:g} at batch {ref} to {top_batch}; "
-                "narrow the learning rates or batches, or set lr_scaling.rule: none",
-                show=False,
-            )
+        problems += _check_lr_scaling(space, base, source)
+    return problems
+
+
+def _check_lr_scaling(space: SearchSpace, base: Config, source: str) -> list[Problem]:
+    """The scaled learning rate stays in range, and the local search reaches the other rule's rate
+    at every batch (the square-root and linear rules differ by a factor sqrt(B / B_start))."""
+    problems = []
+    rule, width = space.lr_scaling.rule, space.lr_scaling.local_search
+    top_lr = max(v for v in space.parameters[LR_KEY].extremes() if v is not None)
+    batches = [int(v) for v in space.parameters[EFFECTIVE_BATCH].extremes() if v is not None]
+    ref = starting_batch(base, space)
+    peak = batch_math.scale_lr(top_lr, max(batches), ref, rule) * (1 + width)
+    if peak > 1e-2:
+        rule_text = (
+            f"the {rule} scaling rule can reach learning rate {peak:.3g} (> 0.01) from {top_lr:g} at batch {ref} "
+            f"to {max(batches)}; narrow the learning rates or batches, or set lr_scaling.rule: none"
+        )
+        problems.append(Problem(source, "lr_scaling", rule_text, show_value=False))
+    other = "linear" if rule == "sqrt" else "sqrt"
+    gap = max(max(b / ref, ref / b) ** 0.5 for b in batches)  # how far apart the two rules' rates get
+    if gap > 1 + width + 1e-9:
+        rule_text = (
+            f"local_search {width:g} cannot reach the {other} rule's learning rate (x{gap:.2f} of the {rule} "
+            f"rule's at the batches searched): set it to at least {gap - 1:.2f}"
+        )
+        problems.append(Problem(source, "lr_scaling.local_search", rule_text, width))
     return problems
 
 

@@ -18,7 +18,7 @@ from raytune_qvl.sweep.space import EPOCHS_KEY, LR_KEY, RANK_KEY
 from raytune_qvl.sweep.trial import train_storage, trial_dir
 from raytune_qvl.train.outputs import BEST_DIR, FINAL_DIR
 
-__all__ = ["ranked", "write_best", "prune_checkpoints", "top_table"]
+__all__ = ["ranked", "write_best", "prune_checkpoints", "top_table", "reading_sample"]
 
 log = logging.getLogger("raytune_qvl")
 
@@ -119,3 +119,15 @@ def top_table(sweep: Sweep, records: list[TrialRecord], counts: dict[str, int]) 
 
 def _cell(value: Any) -> str:
     return f"{value:>8.3g}" if isinstance(value, float) else f"{value:>8}"
+
+
+def reading_sample(predictions: Path, rows: int = 5) -> str:
+    """The first `rows` eval samples as the best adapter read them: reference | prediction."""
+    if not predictions.is_file():
+        return "  (no predictions: the best trial ran no generation eval)"
+    data = json.loads(predictions.read_text())
+    shown = data["rows"][:rows]
+    width = max(len(r["reference"]) for r in shown) if shown else 0
+    lines = [f"  how the best adapter reads (step {data.get('step')}, reference | prediction):"]
+    lines += [f"    {r['reference']:<{width}} | {r['prediction']}" for r in shown]
+    return "\n".join(lines)

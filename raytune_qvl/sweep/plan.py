@@ -82,7 +82,7 @@ def dry_run(space: SearchSpace, base: Config) -> str:
         )
         for b in space.parameters[EFFECTIVE_BATCH].extremes():
             accum = batch_math.accumulation_for(int(b), micro, workers)
-            scaled = ", ".join(f"{batch_math.scale_lr(lr, int(b), ref):.3g}" for lr in lr_values)
+            scaled = ", ".join(f"{batch_math.scale_lr(lr, int(b), ref, space.lr_scaling.rule):.3g}" for lr in lr_values)
             note = (
                 f" x [{1 / (1 + space.lr_scaling.local_search):.2f}, {1 + space.lr_scaling.local_search:.2f}]"
                 if space.lr_scaling.local_search
@@ -90,7 +90,7 @@ def dry_run(space: SearchSpace, base: Config) -> str:
             )
             rule = (
                 ""
-                if space.strategy == "staged" and space.lr_scaling.rule == "linear"
+                if space.strategy == "staged" and space.lr_scaling.rule != "none"
                 else " (not scaled: joint search or rule none)"
             )
             lines.append(f"    batch {int(b):>5}: accumulation {accum:>3}, lr {scaled}{note}{rule}")

@@ -15,7 +15,7 @@ from raytune_qvl.config.overrides import apply_overrides
 from raytune_qvl.config.problems import pydantic_problems
 from raytune_qvl.config.schema import Config
 from raytune_qvl.errors import ConfigError
-from raytune_qvl.sweep.space import EFFECTIVE_BATCH, LR_FACTOR, LR_KEY, RANK_KEY, SearchSpace
+from raytune_qvl.sweep.space import EFFECTIVE_BATCH, LR_FACTOR, LR_KEY, RANK_KEY, SAMPLER_KEY, SearchSpace
 
 __all__ = [
     "point_overrides",
@@ -34,8 +34,8 @@ def point_overrides(space: SearchSpace, base: Config, point: Mapping[str, Any], 
 
     * lora.r also sets lora.lora_alpha = lora_alpha_ratio x r
     * effective_batch sets training.gradient_accumulation_steps = B / (micro x workers)
-    * with the linear scaling rule, the learning rate found at batch `lr_batch` is moved to
-      lr x B / lr_batch, times lr_factor (the local search) when sampled
+    * with a scaling rule (sqrt, linear), the learning rate found at batch `lr_batch` is moved to
+      lr x (B / lr_batch) ** p, times lr_factor (the local search) when sampled
     """
     out: dict[str, Any] = {}
     for key, value in point.items():
@@ -50,17 +50,25 @@ def point_overrides(space: SearchSpace, base: Config, point: Mapping[str, Any], 
         batch = int(point[EFFECTIVE_BATCH])
         out["training.gradient_accumulation_steps"] = batch_math.accumulation_for(batch, micro, workers)
         lr = float(point.get(LR_KEY, base.training.learning_rate))
-        if space.lr_scaling.rule == "linear" and lr_batch and space.strategy == "staged":
-            lr = batch_math.scale_lr(lr, batch, lr_batch) * float(point.get(LR_FACTOR, 1.0))
+        if space.lr_scaling.rule != "none" and lr_batch and space.strategy == "staged":
+            lr = batch_math.scale_lr(lr, batch, lr_batch, space.lr_scaling.rule) * float(point.get(LR_FACTOR, 1.0))
         out[LR_KEY] = lr
     return out
 
 
 def trial_config(
-    space: SearchSpace, base: Config, point: Mapping[str, Any], lr_batch: int | None, trial_dir: str, eval_steps: int
+    space: SearchSpace,
+    base: Config,
+    point: Mapping[str, Any],
+    lr_batch: int | None,
+    trial_dir: str,
+    eval_steps: int,
+    *,
+    eval_on_start: bool = False,
 ) -> Config:
     """The full config of one trial, re-validated by the schema (the values a parameter can
-    take were checked against the whole config when the search space was loaded)."""
+    take were checked against the whole config when the search space was loaded).
+    `eval_on_start`: evaluate the model before any training (the sweep's starting point)."""
     overrides = point_overrides(space, base, point, lr_batch)
     overrides.update(
         {
@@ -77,6 +85,7 @@ def trial_config(
             "training.eval_steps": eval_steps,
             "training.save_steps": eval_steps,
             "training.logging_steps": min(base.training.logging_steps, eval_steps),
+            "training.eval_on_start": eval_on_start or base.training.eval_on_start,
         }
     )
     return apply_to_config(base, overrides, source=space.source or "search space")
@@ -139,7 +148,7 @@ class PointResolver:
     lr_batch: int
 
     def point(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
-        return {**self.fixed, **sampled}
+        return {**self.fixed, **{k: v for k, v in sampled.items() if k != SAMPLER_KEY}}
 
     @cached_property
     def _space(self) -> SearchSpace:
@@ -157,7 +166,9 @@ class PointResolver:
 
     def describe(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
         """What MLflow shows for a trial: the sampled values and the derived ones."""
-        out = {f"sampled.{k}": v for k, v in sampled.items()}
+        out = {f"sampled.{k}": v for k, v in sampled.items() if k != SAMPLER_KEY}
+        if SAMPLER_KEY in sampled:
+            out[SAMPLER_KEY] = sampled[SAMPLER_KEY]
         point = self.point(sampled)
         if EFFECTIVE_BATCH in point:
             out["derived.effective_batch_size"] = point[EFFECTIVE_BATCH]

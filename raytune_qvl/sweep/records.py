@@ -9,7 +9,7 @@ from typing import Any, Iterable, Mapping
 
 from raytune_qvl.sweep.space import LR_FACTOR, LR_KEY, SearchSpace
 
-__all__ = ["TrialRecord", "StageOutcome", "point_key", "rank", "best_record", "last_value", "resolved_point"]
+__all__ = ["TrialRecord", "StageOutcome", "RANKED", "point_key", "rank", "best_record", "last_value", "resolved_point"]
 
 
 def point_key(overrides: Mapping[str, Any]) -> tuple:
@@ -37,6 +37,7 @@ class TrialRecord:
     samples_seen: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     point: dict[str, Any] = field(default_factory=dict)  # every searched parameter, fixed ones included
+    sampler: str = ""  # what suggested the point: grid, random, tpe start-up (random), tpe
 
 
 @dataclass
@@ -46,11 +47,15 @@ class StageOutcome:
     interrupted: bool = False
 
 
+# who may win: trials that ran their full budget (and those of earlier stages counted again). A trial
+# ASHA stopped has a value at a partial budget: it informs the searcher, it never outranks a full run.
+RANKED = ("completed", "reused")
+
+
 def rank(records: Iterable[TrialRecord], mode: str) -> list[TrialRecord]:
-    """Scored records, best first; a trial trained to the end beats one ASHA stopped at the
-    same value. Failed trials and non-finite values are never ranked."""
-    scored = [r for r in records if r.value is not None and math.isfinite(r.value) and r.status != "failed"]
-    return sorted(scored, key=lambda r: ((r.value if mode == "min" else -r.value), r.status != "completed"))
+    """The records that ran their full budget with a finite value, best first (ties: launch order)."""
+    scored = [r for r in records if r.status in RANKED and r.value is not None and math.isfinite(r.value)]
+    return sorted(scored, key=lambda r: r.value if mode == "min" else -r.value)
 
 
 def best_record(records: Iterable[TrialRecord], mode: str) -> TrialRecord | None:

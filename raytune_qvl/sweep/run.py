@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from raytune_qvl.config.schema import Config
-from raytune_qvl.config.uris import default_tracking_uri
+from raytune_qvl.config.uris import default_tracking_uri, redact
 from raytune_qvl.errors import ConfigError, Problem, UserError
 from raytune_qvl.sweep.context import Sweep
-from raytune_qvl.sweep.outputs import prune_checkpoints, ranked, top_table, write_best
+from raytune_qvl.sweep.outputs import prune_checkpoints, ranked, reading_sample, top_table, write_best
 from raytune_qvl.sweep.plan import concurrency_for, local_gpus
 from raytune_qvl.sweep.points import starting_batch, starting_point
 from raytune_qvl.sweep.records import TrialRecord, best_record, resolved_point
@@ -49,6 +49,7 @@ class SweepResult:
 
 def run_sweep(space: SearchSpace, base: Config, *, resume: bool = False, overwrite: bool = False) -> SweepResult:
     from raytune_qvl.cluster import check_outputs_outside_job_dir, check_storage, ray_session
+    from raytune_qvl.sweep.progress import quiet_trial_errors
     from raytune_qvl.track.runs import log_sweep_start
     from raytune_qvl.track.tracker import check_server, connect
     from raytune_qvl.train.preflight import preflight
@@ -69,7 +70,14 @@ def run_sweep(space: SearchSpace, base: Config, *, resume: bool = False, overwri
     _check_feasible(space, base, len(pre.train.items))
     make_dir(space.sweep_dir, space.source, "output_dir")
     tracker = connect(uri, space.experiment)
-    if state.parent_run_id and state.tracking_uri == uri and tracker.reopen(state.parent_run_id):
+    if state.parent_run_id:
+        if state.tracking_uri != uri or not tracker.reopen(state.parent_run_id):
+            rule = (
+                f"cannot reopen this sweep's MLflow parent run {state.parent_run_id} in {redact(uri)} "
+                f"(it was logged to {redact(state.tracking_uri)}): resume with that mlflow.tracking_uri, "
+                "or pass --overwrite to start over"
+            )
+            raise ConfigError([Problem(space.source, "mlflow.tracking_uri", rule, show_value=False)])
         parent = state.parent_run_id
         log.info("resuming sweep %s (MLflow parent run %s)", space.name, parent)
     else:
@@ -87,7 +95,9 @@ def run_sweep(space: SearchSpace, base: Config, *, resume: bool = False, overwri
     per_trial = 1 + r.workers_per_trial * r.cpus_per_worker  # the trial's own process + its workers
     try:
         with tracker.outcome(parent) as finished_tags:
-            with ray_session(base.ray.address, min_cpus=int(math.ceil(planned * per_trial))):
+            quiet_trial_errors()
+            # worker output (and the stack dump of a worker ASHA stops mid-step) stays in Ray's logs
+            with ray_session(base.ray.address, min_cpus=int(math.ceil(planned * per_trial)), log_to_driver=False):
                 import ray
 
                 check_storage(space.storage_path, shared=space.shared_storage, source=space.source, key="storage_path")
@@ -185,13 +195,16 @@ def _run_stages(sweep: Sweep) -> None:
             raise KeyboardInterrupt
         best = best_record(outcome.records + ([incumbent] if incumbent else []), space.mode)
         if best is None:
-            raise UserError([f"{stage.label}: every trial failed; see the failed runs' raytune_qvl.reason in MLflow"])
+            rule = "no trial ran its full budget (failed, or stopped by ASHA); see the runs' raytune_qvl.reason"
+            raise UserError([f"{stage.label}: {rule} in MLflow"])
         if best is not incumbent:
             fixed.update(resolved_point(space, fixed, best))
             lr_batch = int(fixed.get(EFFECTIVE_BATCH, lr_batch))
             incumbent = best
         best_point = {k: fixed[k] for k in space.parameters if k in fixed}
         state.stages[stage.label] = {"status": "done", "best": best_point, "value": best.value, "trial": best.trial_id}
+        if state.baseline is None:
+            state.measure_baseline(space.metric)
         sweep.save_state()
         from raytune_qvl.track.runs import log_stage_best
 
@@ -213,11 +226,12 @@ def _finish(sweep: Sweep, finished_tags: dict[str, Any]) -> dict[str, Any]:
     from raytune_qvl.sweep.trial import trial_dir
     from raytune_qvl.track.runs import log_sweep_result
     from raytune_qvl.track.tracker import TAG_BEST_TRIAL
+    from raytune_qvl.track.ui import UI_ADDRESS, compare_url, sweep_trials
 
     space = sweep.space
     records = ranked(sweep)
     if not records:
-        raise UserError(["every trial failed; see the child runs' raytune_qvl.reason in MLflow"])
+        raise UserError(["no trial ran its full budget; see the child runs' raytune_qvl.reason in MLflow"])
     best = records[0]
     best_dir = write_best(sweep, best)
     prune_checkpoints(sweep)
@@ -227,8 +241,14 @@ def _finish(sweep: Sweep, finished_tags: dict[str, Any]) -> dict[str, Any]:
     finished_tags[TAG_BEST_TRIAL] = best.trial_id
     print(top_table(sweep, records, counts))
     print(f"\nbest {space.metric} {best.value:.4f}: trial {best.trial_id} ({best.stage})")
+    if sweep.state.baseline is not None:
+        print(f"  before fine-tuning (the base model, step 0): {space.metric} {sweep.state.baseline['value']:.4f}")
+    print(reading_sample(predictions))
     print(f"  configs: {best_dir}")
     print(f"  reproduce: {(best_dir / 'command.txt').read_text().strip()}")
     print(f"  MLflow parent run {sweep.parent} in {sweep.tracker.uri}")
     print(f"  open the UI: python -m raytune_qvl.ui --tracking_uri {sweep.tracker.uri}")
+    trials = sweep_trials(sweep.tracker.client, sweep.parent)
+    side_by_side = compare_url(UI_ADDRESS, sweep.tracker.experiment_id, trials)
+    print(f"  then the {len(trials)} trials side by side: {side_by_side}")
     return {"trial": best.trial_id, "value": best.value, "overrides": best.overrides, "dir": str(best_dir)}

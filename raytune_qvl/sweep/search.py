@@ -12,11 +12,20 @@ from typing import Any, Mapping
 from ray.tune.search import Searcher
 
 from raytune_qvl.config.schema import Config
-from raytune_qvl.sweep.points import PointResolver
+from raytune_qvl.sweep.points import PointResolver, starting_batch
 from raytune_qvl.sweep.records import point_key
-from raytune_qvl.sweep.space import EPOCHS_KEY, Domain, SearchSpace, Stage, grid, param_type
+from raytune_qvl.sweep.space import (
+    EFFECTIVE_BATCH,
+    EPOCHS_KEY,
+    SAMPLER_KEY,
+    Domain,
+    SearchSpace,
+    Stage,
+    grid,
+    param_type,
+)
 
-__all__ = ["optuna_space", "UniqueSearch", "make_searcher", "make_scheduler", "max_budget"]
+__all__ = ["optuna_space", "UniqueSearch", "make_searcher", "sampler_for", "make_scheduler", "max_budget"]
 
 
 def optuna_space(params: Mapping[str, Domain], types: Mapping[str, Any]) -> dict[str, Any]:
@@ -37,7 +46,9 @@ def optuna_space(params: Mapping[str, Domain], types: Mapping[str, Any]) -> dict
 class UniqueSearch(Searcher):
     """Wraps OptunaSearch so a stage never trains a configuration twice: a suggestion equal to
     one already trained (in this stage or an earlier one) is told to Optuna with the known
-    result instead of being trained, and a finite space that is used up ends the stage."""
+    result once (a repeat after that is dropped, not counted again) instead of being trained, and a
+    finite space that is used up ends the stage. Every suggestion carries the name of what made it
+    (SAMPLER_KEY): `grid`, `random`, `tpe start-up (random)` or `tpe`."""
 
     def __init__(
         self,
@@ -46,15 +57,27 @@ class UniqueSearch(Searcher):
         params: Mapping[str, Domain],
         known: dict[tuple, float | None],
         seed: int,
+        sampler: str = "tpe",
+        startup: int = 0,
     ):
         super().__init__(metric=inner.metric, mode=inner.mode)
         self.inner = inner
         self.resolver = resolver
         self.known = dict(known)  # point key -> value (None: trained, no result yet)
+        self.told: set[tuple] = set()  # known results this study has been told
         self.grid = grid(params)
         self.ids: dict[str, str] = {}  # Tune trial id -> Optuna-side id
         self.keys: dict[str, tuple] = {}
         self.rng = random.Random(seed)
+        self.sampler, self.startup = sampler, startup  # TPE models after `startup` completed trials
+
+    def _label(self, enqueued: bool) -> str:
+        if enqueued:
+            return "enqueued (an untried grid point)"
+        if self.sampler != "tpe":
+            return self.sampler
+        complete = sum(1 for t in self.inner._ot_study.trials if t.state.name == "COMPLETE")
+        return "tpe start-up (random)" if complete < self.startup else "tpe"
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         ok = self.inner.set_search_properties(metric, mode, config, **spec)
@@ -68,23 +91,30 @@ class UniqueSearch(Searcher):
 
     def suggest(self, trial_id: str) -> dict | None:
         for attempt in range(60):
+            enqueued = False
             if self.grid is not None and attempt >= 3:
                 unused = self._unused()
                 if not unused:
                     return Searcher.FINISHED
                 self.inner._ot_study.enqueue_trial(self.rng.choice(unused))  # steer TPE off repeats
+                enqueued = True
+            label = self._label(enqueued)
             internal = trial_id if attempt == 0 else f"{trial_id}~{attempt}"
             params = self.inner.suggest(internal)
             if params is None or params == Searcher.FINISHED:
                 return params
             key = point_key(self.resolver.overrides(params))
-            if key in self.known:  # trained already: Optuna learns its result, nothing is trained
+            if key in self.known:  # trained already: nothing is trained
                 value = self.known[key]
-                self.inner.on_trial_complete(internal, result={self.metric: value} if value is not None else None)
+                if value is not None and key not in self.told:  # Optuna learns its result, once
+                    self.told.add(key)
+                    self.inner.on_trial_complete(internal, result={self.metric: value})
+                else:  # told before (or its trial still runs): this repeat is dropped, not counted
+                    self.inner.on_trial_complete(internal, result=None, error=True)
                 continue
             self.known[key] = None
             self.ids[trial_id], self.keys[trial_id] = internal, key
-            return params
+            return {**params, SAMPLER_KEY: label}
         return Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -100,6 +130,7 @@ class UniqueSearch(Searcher):
         else:
             self.inner.on_trial_complete(self.ids[trial_id], result=result)
             self.known[self.keys[trial_id]] = value
+            self.told.add(self.keys[trial_id])
 
     def get_state(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "inner"} | {"inner": self.inner.__dict__.copy()}
@@ -125,17 +156,19 @@ class UniqueSearch(Searcher):
 def make_searcher(
     space: SearchSpace, stage: Stage, resolver: PointResolver, known: Mapping[tuple, float | None], study_db: Path
 ) -> UniqueSearch:
-    """The stage's searcher: TPE (random for the `random` strategy) over the stage's parameters,
-    its Optuna study kept in `study_db`, told the results of points trained before."""
+    """The stage's searcher (see sampler_for) over the stage's parameters, its Optuna study kept in
+    `study_db`, told the results of points trained before."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     seed = space.seed + stage.index
-    sampler = (
-        optuna.samplers.RandomSampler(seed=seed)
-        if space.strategy == "random"
-        else optuna.samplers.TPESampler(seed=seed)
-    )
+    name, startup = sampler_for(space, stage, resolver, known)
+    if name == "random":
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    elif name == "grid":
+        sampler = optuna.samplers.BruteForceSampler(seed=seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=len(stage.params) > 1)
     inner = OptunaSearch(
         space=optuna_space(stage.params, {k: param_type(k) for k in stage.params}),
         metric=space.metric,
@@ -144,25 +177,52 @@ def make_searcher(
         study_name=f"{space.name}-{stage.label}",
         storage=optuna.storages.RDBStorage(f"sqlite:///{study_db}"),
     )
-    return UniqueSearch(inner, resolver, stage.params, dict(known), seed=seed)
+    return UniqueSearch(inner, resolver, stage.params, dict(known), seed=seed, sampler=name, startup=startup)
+
+
+def sampler_for(
+    space: SearchSpace, stage: Stage, resolver: PointResolver, known: Mapping[tuple, float | None]
+) -> tuple[str, int]:
+    """What really searches a stage: `random` for the random baseline; `grid` (every untried
+    choice) when the stage's domain is finite and its untried points fit the trial budget; else TPE
+    with a start-up of a third of the trials (at 2-5 trials, 1 random point before it models).
+    Returns (name, TPE start-up trials)."""
+    if space.strategy == "random":
+        return "random", 0
+    points = grid(stage.params)
+    if points is not None:
+        untried = [p for p in points if point_key(resolver.overrides(p)) not in known]
+        if len(untried) <= stage.trials:
+            return "grid", 0
+    return "tpe", max(1, stage.trials // 3)
 
 
 def max_budget(space: SearchSpace, base: Config, stage: Stage, fixed: dict[str, Any], num_samples: int) -> float:
-    """The longest trial of the stage in ASHA's time unit (epochs, or samples)."""
+    """The longest trial of the stage in ASHA's time unit: asha.max_t when set, else epochs, or the
+    samples the longest trial really trains (an epoch trains whole effective batches: floor(N / B) x B)."""
+    if space.asha.max_t is not None:
+        return space.asha.max_t
     epochs = [fixed.get(EPOCHS_KEY, base.training.num_epochs)]
     if EPOCHS_KEY in stage.params:
         epochs = [v for v in stage.params[EPOCHS_KEY].extremes() if v is not None]
     top = float(max(epochs))
-    return top if space.asha.time_attr == "epoch" else top * num_samples
+    if space.asha.time_attr == "epoch":
+        return top
+    batches = [fixed.get(EFFECTIVE_BATCH) or starting_batch(base, space)]
+    if EFFECTIVE_BATCH in stage.params:
+        batches = [int(b) for b in stage.params[EFFECTIVE_BATCH].extremes()]
+    return top * max((num_samples // int(b)) * int(b) for b in batches)
 
 
-def make_scheduler(space: SearchSpace, max_t: float) -> Any:
-    """ASHA with the file's settings; FIFO (every trial to its end) when ASHA is off or the stage's
-    longest trial is not longer than the grace period."""
+def make_scheduler(space: SearchSpace, stage: Stage, max_t: float) -> Any:
+    """ASHA with the file's settings; FIFO (every trial to its end) when ASHA is off, when the stage's
+    longest trial is not longer than the grace period, and for the epochs stage of a staged sweep:
+    at any rung a longer cosine schedule is still at a high learning rate while a shorter one has
+    decayed, so ASHA would stop the long schedules for being mid-way, not for being worse."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     a = space.asha
-    if not a.enabled or max_t <= a.grace_period:
+    if not a.enabled or max_t <= a.grace_period or (space.strategy == "staged" and EPOCHS_KEY in stage.params):
         return FIFOScheduler()
     return ASHAScheduler(
         time_attr=a.time_attr,

@@ -24,6 +24,7 @@ __all__ = [
     "LR_KEY",
     "RANK_KEY",
     "EPOCHS_KEY",
+    "SAMPLER_KEY",
     "Domain",
     "SearchSpace",
     "Stage",
@@ -37,6 +38,7 @@ LR_FACTOR = "lr_factor"  # the local search around the linearly scaled learning 
 LR_KEY = "training.learning_rate"
 RANK_KEY = "lora.r"
 EPOCHS_KEY = "training.num_epochs"
+SAMPLER_KEY = "sampler"  # in a suggestion: what made it (grid, random, TPE); not a parameter
 
 
 class _Strict(BaseModel):
@@ -72,7 +74,8 @@ class BaseFiles(_Strict):
 
 
 class LrScaling(_Strict):
-    rule: Literal["linear", "none"] = "linear"  # lr_new = lr_base x B_new / B_base
+    # lr_new = lr_base x (B_new / B_base) ** p: p = 1/2 (sqrt, Adam's rule), 1 (linear, SGD's), 0 (none)
+    rule: Literal["sqrt", "linear", "none"] = "sqrt"
     local_search: float = Field(0.5, ge=0.0, le=4.0)  # then a factor in [1/(1+w), 1+w], log-uniform; 0: none
 
 
@@ -169,7 +172,7 @@ def stages(space: SearchSpace) -> list[Stage]:
         if (
             key == EFFECTIVE_BATCH
             and LR_KEY in space.parameters
-            and space.lr_scaling.rule == "linear"
+            and space.lr_scaling.rule != "none"
             and space.lr_scaling.local_search > 0
         ):
             w = space.lr_scaling.local_search

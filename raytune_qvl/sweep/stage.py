@@ -13,7 +13,7 @@ from raytune_qvl.sweep.context import Sweep
 from raytune_qvl.sweep.points import PointResolver
 from raytune_qvl.sweep.records import StageOutcome, TrialRecord, last_value, point_key
 from raytune_qvl.sweep.search import make_scheduler, make_searcher, max_budget
-from raytune_qvl.sweep.space import Stage, grid
+from raytune_qvl.sweep.space import SAMPLER_KEY, Stage, grid
 from raytune_qvl.sweep.trial import run_trial, trial_dir
 
 __all__ = ["run_stage"]
@@ -26,15 +26,17 @@ def run_stage(
     trials as records."""
     from ray import tune
 
+    from raytune_qvl.sweep.progress import SweepProgress
     from raytune_qvl.track.trials import SweepTracking
 
     space, base = sweep.space, sweep.base
     experiment = f"{space.tune_storage}/{stage.label}"
     held = {k: v for k, v in fixed.items() if k not in stage.params}
     resolver = PointResolver(space.model_dump(mode="json"), base.model_dump(mode="json"), held, lr_batch)
-    # configurations trained in earlier stages: key -> (value, the trial that trained it)
+    # configurations trained in earlier stages: key -> (value, the trial that trained it, its status);
+    # the searcher learns every value (a stopped trial's too), only full runs become candidates here
     known = {
-        point_key(t["overrides"]): (t["value"], t["trial_id"])
+        point_key(t["overrides"]): (t["value"], t["trial_id"], t["status"])
         for t in sweep.state.trials
         if t["status"] not in ("failed", "reused")
     }
@@ -45,6 +47,7 @@ def run_stage(
         "lr_batch": lr_batch,
         "num_samples": sweep.num_samples,
         "sweep_dir": str(sweep.dir.absolute()),
+        "eval_on_start": stage.index == 1,  # the first stage also measures the model before fine-tuning
     }
     trainable = tune.with_parameters(run_trial, context=context)
 
@@ -66,11 +69,12 @@ def run_stage(
             space,
             stage,
             resolver,
-            {key: value for key, (value, _) in known.items()},
+            {key: value for key, (value, _, _) in known.items()},
             (sweep.dir / "optuna.db").absolute(),
         )
-        scheduler = make_scheduler(space, max_budget(space, base, stage, fixed, sweep.num_samples))
-        tuner = _tuner(trainable, stage, sweep, searcher, scheduler, [tracking])
+        scheduler = make_scheduler(space, stage, max_budget(space, base, stage, fixed, sweep.num_samples))
+        progress = SweepProgress(stage.label, space.metric, resolver.overrides)
+        tuner = _tuner(trainable, stage, sweep, searcher, scheduler, [tracking, progress])
 
     watch = _InterruptWatch()
     results = watch.run(tuner.fit)
@@ -81,8 +85,8 @@ def run_stage(
     for sampled in grid(stage.params) or []:
         overrides = resolver.overrides(sampled)
         key = point_key(overrides)
-        value, trial_id = known.get(key, (None, None))
-        if value is not None and key not in skip:
+        value, trial_id, status = known.get(key, (None, None, None))
+        if value is not None and status == "completed" and key not in skip:
             skip.add(key)
             point = resolver.point(sampled)
             records.append(TrialRecord(trial_id, stage.label, dict(sampled), overrides, value, "reused", point=point))
@@ -108,7 +112,7 @@ def _tuner(trainable: Any, stage: Stage, sweep: Sweep, searcher: Any, scheduler:
             storage_path=space.tune_storage,
             callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-            verbose=1,
+            verbose=0,  # SweepProgress prints one line per trial event
         ),
     )
 
@@ -150,6 +154,7 @@ def _records(stage: Stage, results: Any, resolver: PointResolver, metric: str) -
         trial_id = metrics.get("trial_id") or (Path(result.path).name if result.path else "?")
         trial = trials.get(trial_id)
         sampled = dict(result.config or {})
+        sampler = str(sampled.pop(SAMPLER_KEY, ""))
         history = []
         df = result.metrics_dataframe
         if df is not None and len(df):
@@ -185,6 +190,7 @@ def _records(stage: Stage, results: Any, resolver: PointResolver, metric: str) -
                 samples,
                 history,
                 resolver.point(sampled),
+                sampler,
             )
         )
     return out

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raytune_qvl.sweep.records import TrialRecord
+from raytune_qvl.sweep.records import TrialRecord, last_value
 
 __all__ = ["STATE_FILE", "SweepState"]
 
@@ -22,6 +22,7 @@ class SweepState:
     parent_run_id: str | None = None
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> {status, best, value, trial}
     trials: list[dict[str, Any]] = field(default_factory=list)  # every trial record so far
+    baseline: dict[str, Any] | None = None  # the metric before fine-tuning: {value, trial}
     finished: bool = False
 
     @classmethod
@@ -42,6 +43,15 @@ class SweepState:
 
     def set_stage_records(self, stage: str, records: list[TrialRecord]) -> None:
         self.trials = [t for t in self.trials if t["stage"] != stage] + [asdict(r) for r in records]
+
+    def measure_baseline(self, metric: str) -> None:
+        """The metric of the model before any fine-tuning, from a trial's step-0 evaluation."""
+        for record in self.trained():
+            start = [h for h in record.history if h.get("step") == 0]
+            value = last_value(start, metric)
+            if value is not None:
+                self.baseline = {"value": value, "trial": record.trial_id}
+                return
 
     def counts(self) -> dict[str, int]:
         return {s: sum(1 for t in self.trials if t["status"] == s) for s in ("completed", "stopped", "failed")}

@@ -6,7 +6,32 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrialFailed", "run_trial", "trial_dir", "train_storage"]
+__all__ = ["TrialFailed", "run_trial", "trial_dir", "train_storage", "is_transient"]
+
+# what a run that failed for no fault of its point dies of: a lost worker or node, memory, start-up
+_TRANSIENT = (
+    "ActorDiedError",
+    "RayActorError",
+    "ActorUnavailableError",
+    "NodeDiedError",
+    "WorkerCrashedError",
+    "OutOfMemoryError",
+    "WorkerGroupStartupTimeoutError",
+    "died unexpectedly",
+    "out of memory",
+)
+
+
+def is_transient(exc: BaseException, reason: str) -> bool:
+    """A failure worth one more try of the same point (not a divergence or a bug in its config)."""
+    seen, texts, visited = exc, [reason], set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
+        texts.append(f"{type(seen).__name__}: {seen}")
+        for failure in (getattr(seen, "worker_failures", None) or {}).values():
+            texts.append(f"{type(failure).__name__}: {failure}")
+        seen = seen.__cause__ or seen.__context__
+    return any(marker in text for text in texts for marker in _TRANSIENT)
 
 
 class TrialFailed(RuntimeError):
@@ -31,12 +56,12 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     from raytune_qvl.config.schema import Config
     from raytune_qvl.errors import worker_error
     from raytune_qvl.sweep.points import eval_steps_for, starting_batch, trial_config
-    from raytune_qvl.sweep.space import EFFECTIVE_BATCH, SearchSpace
+    from raytune_qvl.sweep.space import EFFECTIVE_BATCH, SAMPLER_KEY, SearchSpace
     from raytune_qvl.train.trainer import build_trainer
 
     space = SearchSpace.model_validate(context["space"])
     base = Config.model_validate(context["base"])
-    point = {**context["fixed"], **config}
+    point = {**context["fixed"], **{k: v for k, v in config.items() if k != SAMPLER_KEY}}
     trial_id = tune.get_context().get_trial_id()
     batch = int(point.get(EFFECTIVE_BATCH, starting_batch(base, space)))
     cfg = trial_config(
@@ -46,14 +71,22 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         context["lr_batch"],
         trial_dir(str(Path(context["sweep_dir"])), trial_id),
         eval_steps_for(space, context["num_samples"], batch),
+        eval_on_start=context.get("eval_on_start", False),
     )
-    trainer = build_trainer(
-        cfg, None, callbacks=[TuneReportCallback()], name=trial_id, storage_path=train_storage(space), verbose=False
-    )
-    try:
-        result = trainer.fit()
-    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; keep their one-line reason
-        raise TrialFailed(worker_error(exc)) from None
+    for attempt in (1, 2):
+        trainer = build_trainer(
+            cfg, None, callbacks=[TuneReportCallback()], name=trial_id, storage_path=train_storage(space), verbose=False
+        )
+        try:
+            result = trainer.fit()
+            break
+        except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; keep their one-line reason
+            reason = worker_error(exc)
+            if attempt == 1 and is_transient(exc, reason):
+                # the same point once more, from its last checkpoint (the same run name and storage)
+                print(f"trial {trial_id}: {reason}; retrying once", flush=True)
+                continue
+            raise TrialFailed(reason) from None
     diverged = (result.metrics or {}).get("diverged")
     if diverged:
         raise TrialFailed(f"diverged: {diverged}")

@@ -59,9 +59,12 @@ def log_inputs(tracker: Tracker, run_id: str, cfg: Any, pre: Any) -> None:
             "derived.total_steps": pre.plan.total_steps,
             "derived.warmup_steps": pre.plan.warmup_steps,
             "derived.zero_stage": pre.plan.zero_stage,
-            "derived.lora_scale": cfg.lora.lora_alpha / cfg.lora.r,
         }
     )
+    if cfg.training.finetuning_type == "lora":
+        params["derived.lora_scale"] = cfg.lora.lora_alpha / cfg.lora.r
+    else:  # full fine-tuning: the LoRA section is not used, so it is not shown as if it were
+        params = {k: v for k, v in params.items() if not k.startswith("lora.")}
     tracker.log_params(run_id, params)
     folder = Path(tempfile.mkdtemp(prefix="raytune_qvl-config-"))
     write_configs(cfg, pre.plan.deepspeed, folder)
@@ -160,6 +163,8 @@ def log_sweep_result(
         "trials_stopped": counts["stopped"],
         "trials_failed": counts["failed"],
     }
+    if state.baseline is not None:  # the base model before any fine-tuning
+        metrics[f"baseline_{space.metric}"] = state.baseline["value"]
     tracker.log_metrics(parent, metrics, step=len(state.stages) + 1)
     tracker.log_params(parent, {f"best.{k}": v for k, v in best.overrides.items()} | {"best.trial": best.trial_id})
     tracker.log_artifact(parent, best_dir, "best")

@@ -33,6 +33,7 @@ __all__ = [
     "TAG_BUDGET_EPOCH",
     "TAG_BUDGET_SAMPLES",
     "TAG_PARENT",
+    "TAG_EXPERIMENT_KIND",
 ]
 
 log = logging.getLogger("raytune_qvl")
@@ -47,6 +48,7 @@ TAG_BEST_TRIAL = "raytune_qvl.best_trial"  # a sweep's best trial
 TAG_BUDGET_EPOCH = "raytune_qvl.budget_epoch"  # where ASHA stopped a trial
 TAG_BUDGET_SAMPLES = "raytune_qvl.budget_samples"
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"  # which view MLflow's UI opens an experiment in
 _SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.I)
 _PARAM_LIMIT = 6000  # MLflow's maximum param value length
 _REASON_LIMIT = 4000
@@ -89,6 +91,8 @@ class Tracker:
             self.experiment_id = existing.experiment_id
         else:
             self.experiment_id = existing.experiment_id
+        # open the experiment in MLflow's model-training view (runs, params, metrics), not the GenAI one
+        self.client.set_experiment_tag(self.experiment_id, TAG_EXPERIMENT_KIND, "custom_model_development")
 
     def start_run(self, name: str, tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> str:
         tags = dict(tags or {})

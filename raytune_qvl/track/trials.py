@@ -107,4 +107,7 @@ class SweepTracking(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._run_for(trial)
         self.tracker.set_tags(run_id, {TAG_STATUS: "failed", TAG_REASON: trial_error(trial)})
+        error_file = getattr(trial, "error_file", None)
+        if error_file and Path(str(error_file)).is_file():  # the whole traceback, where people look for it
+            self.tracker.log_artifact(run_id, str(error_file), "error")
         self.tracker.end(run_id, "FAILED")

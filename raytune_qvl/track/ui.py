@@ -9,21 +9,25 @@ Lean server settings: one worker and no job execution (~6 s to start, ~550 MB, i
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
-from typing import Sequence
+from typing import Any, Sequence
+from urllib.parse import quote
 
 from raytune_qvl import runtime
 from raytune_qvl.errors import ConfigError, Problem, run_cli
+from raytune_qvl.track.tracker import TAG_KIND, TAG_PARENT
 
-__all__ = ["server_command", "server_env", "serve", "main"]
+__all__ = ["UI_ADDRESS", "server_command", "server_env", "compare_url", "sweep_trials", "latest_sweep", "serve", "main"]
 
 log = logging.getLogger("raytune_qvl")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+UI_ADDRESS = "http://localhost:5000"  # where `python -m raytune_qvl.ui` serves by default
 
 
 def server_command(tracking_uri: str, host: str, port: int, workers: int = 1) -> list[str]:
@@ -41,6 +45,46 @@ def server_command(tracking_uri: str, host: str, port: int, workers: int = 1) ->
         "--workers",
         str(workers),
     ]
+
+
+def compare_url(base_url: str, experiment_id: str, run_ids: Sequence[str]) -> str:
+    """MLflow's page that shows these runs side by side: every param and metric in columns, and a
+    parallel-coordinates plot of them."""
+    runs, experiments = quote(json.dumps(list(run_ids))), quote(json.dumps([experiment_id]))
+    return f"{base_url.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}"
+
+
+def sweep_trials(client: Any, parent_run_id: str) -> list[str]:
+    """A sweep's child runs (its trials), best first by the sweep's metric, failed ones last."""
+    parent = client.get_run(parent_run_id)
+    metric, mode = parent.data.params.get("metric"), parent.data.params.get("mode", "min")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'", max_results=10_000
+    )
+
+    def order(run: Any) -> tuple:
+        value = run.data.metrics.get(metric) if metric else None
+        if value is None:
+            return (1, 0.0)
+        return (0, value if mode == "min" else -value)
+
+    return [run.info.run_id for run in sorted(children, key=order)]
+
+
+def latest_sweep(tracking_uri: str) -> tuple[str, str, list[str]] | None:
+    """(name, experiment id, trial run ids) of the newest sweep in a store, or None."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return None
+    sweeps, newest = f"tags.`{TAG_KIND}` = 'sweep'", ["attributes.start_time DESC"]
+    found = client.search_runs(experiments, filter_string=sweeps, order_by=newest, max_results=1)
+    if not found:
+        return None
+    parent = found[0]
+    return parent.info.run_name, parent.info.experiment_id, sweep_trials(client, parent.info.run_id)
 
 
 def server_env() -> dict[str, str]:
@@ -93,10 +137,24 @@ def main(argv: Sequence[str] | None = None) -> None:
                 args.port,
             )
         shown = "localhost" if args.host in LOOPBACK else args.host
-        print(f"MLflow UI for {redact(uri)} at http://{shown}:{args.port} (Ctrl-C to stop)", flush=True)
+        address = f"http://{shown}:{args.port}"
+        print(f"MLflow UI for {redact(uri)} at {address} (Ctrl-C to stop)", flush=True)
+        sweep = _latest_sweep_quietly(uri)
+        if sweep is not None:
+            name, experiment_id, trials = sweep
+            print(f"the latest sweep, {name}: its {len(trials)} trials side by side at", flush=True)
+            print(f"  {compare_url(address, experiment_id, trials)}", flush=True)
         serve(server_command(uri, args.host, args.port, args.workers))
 
     run_cli(run)
+
+
+def _latest_sweep_quietly(uri: str) -> tuple[str, str, list[str]] | None:
+    try:
+        return latest_sweep(uri)
+    except Exception as exc:  # noqa: BLE001 - the UI still opens on a store it cannot search
+        log.warning("could not look up the latest sweep in %s: %s", uri, str(exc).splitlines()[0][:200])
+        return None
 
 
 def serve(command: list[str]) -> int:

@@ -2,10 +2,10 @@
 scheduler; frozen base weights excluded), the data position and every rank's RNG state.
 
     checkpoint-000016/
-      adapter/               adapter_config.json + adapter_model.safetensors (rank 0)
+      adapter/               adapter_config.json + adapter_model.safetensors (rank 0; LoRA runs)
       state/                 DeepSpeed engine + ZeRO optimizer shards (every rank its own)
       trainer_state.json     step, epoch, position in the epoch, samples seen, best metric
-      rng_state_<rank>.pt    python, numpy, torch (and CUDA) generators
+      rng_state_<rank>.pt    python, numpy, torch (and this rank's CUDA device) generators
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ __all__ = [
     "STATE_FILE",
     "save_checkpoint",
     "load_checkpoint",
-    "save_adapter",
+    "save_trained",
+    "is_lora",
     "latest_local_checkpoint",
     "prune_local_checkpoints",
 ]
@@ -63,8 +64,8 @@ def _rng_state() -> dict[str, Any]:
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this rank's device only: a restart may place ranks on other devices
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -77,24 +78,32 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if isinstance(state.get("cuda"), torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_adapter(engine: Any, directory: Path, lora_state: dict[str, Any]) -> None:
-    """Write a peft adapter folder from an already gathered state dict (rank 0 only)."""
-    engine.module.save_pretrained(str(directory), state_dict=lora_state, safe_serialization=True)
+def is_lora(engine: Any) -> bool:
+    return hasattr(engine.module, "peft_config")
 
 
-def save_checkpoint(engine: Any, directory: Path, state: TrainState, *, rank: int, lora_state: dict[str, Any]) -> None:
-    """Every rank calls this together (DeepSpeed writes its own shard on each)."""
+def save_trained(engine: Any, directory: Path, trained: dict[str, Any]) -> None:
+    """Write what was trained from an already gathered state dict (rank 0 only): a peft adapter
+    folder for LoRA, a whole checkpoint folder (config + weights, loadable by from_pretrained)
+    for full fine-tuning."""
+    engine.module.save_pretrained(str(directory), state_dict=trained, safe_serialization=True)
+
+
+def save_checkpoint(engine: Any, directory: Path, state: TrainState, *, rank: int, trained: dict[str, Any]) -> None:
+    """Every rank calls this together (DeepSpeed writes its own shard on each). A LoRA run's
+    checkpoint also holds its adapter (the engine state of a full run already is the model)."""
     import torch
 
     directory.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(directory), tag=ENGINE_TAG, exclude_frozen_parameters=True)
     torch.save(_rng_state(), directory / f"rng_state_{rank}.pt")
     if rank == 0:
-        save_adapter(engine, directory / ADAPTER_DIR, lora_state)
+        if is_lora(engine):
+            save_trained(engine, directory / ADAPTER_DIR, trained)
         (directory / STATE_FILE).write_text(state.to_json())
 
 

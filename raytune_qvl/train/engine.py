@@ -18,7 +18,7 @@ __all__ = [
     "init_distributed",
     "device_config",
     "build_engine",
-    "gathered_lora_state",
+    "gathered_trainable_state",
     "barrier",
     "all_reduce_sum",
     "all_reduce_max",
@@ -89,28 +89,32 @@ def build_engine(model: Any, ds_config: dict[str, Any]) -> Any:
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, _optimizer, _loader, _scheduler = deepspeed.initialize(
-        model=model, model_parameters=params, config=ds_config
-    )
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    if scheduler is not None:
+        # DeepSpeed's schedulers set the rate for "before the first step" (0 in a warm-up) at creation
+        # and step after each optimizer step: start them at the first step, so that step trains at the
+        # warm-up's first rate (a resume then restores the scheduler's own position)
+        scheduler.step(0)
     return engine
 
 
 @contextmanager
-def gathered_lora_state(engine: Any) -> Iterator[dict[str, Any] | None]:
-    """The adapter's full state dict, on every rank. Under ZeRO-3 the LoRA weights are
-    partitioned (a plain save would write empty tensors), so they are gathered first; every
-    rank must enter this together."""
+def gathered_trainable_state(engine: Any) -> Iterator[dict[str, Any]]:
+    """The trained weights by their parameter names, on every rank: the LoRA weights (and
+    `modules_to_save`) of a LoRA run, every weight of a full fine-tuning run. Under ZeRO-3 they
+    are partitioned (a plain save would write empty tensors), so they are gathered first; every
+    rank must enter this together. The names are the model's own, unfiltered: peft's
+    `save_pretrained` filters them once (a dict filtered by `get_peft_model_state_dict` before
+    would be filtered twice, which loses `modules_to_save`)."""
     import deepspeed
-    from peft import get_peft_model_state_dict
 
-    model = engine.module
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    partitioned = any(hasattr(p, "ds_id") for p in trainable)
-    if partitioned:
-        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
-            yield {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    trainable = [(name, param) for name, param in engine.module.named_parameters() if param.requires_grad]
+    params = [param for _, param in trainable]
+    if any(hasattr(param, "ds_id") for param in params):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield {name: param.detach().cpu().clone() for name, param in trainable}
     else:
-        yield {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+        yield {name: param.detach().cpu().clone() for name, param in trainable}
 
 
 def count_nodes(ctx: WorkerContext) -> int:

@@ -21,13 +21,14 @@ from typing import Any, Iterator
 
 from raytune_qvl.config.schema import Config
 from raytune_qvl.config.write import write_configs
+from raytune_qvl.data.encode import IGNORE_INDEX
 from raytune_qvl.train import faults
-from raytune_qvl.train.checkpoint import save_adapter, save_checkpoint
-from raytune_qvl.train.engine import WorkerContext, all_reduce_max, all_reduce_sum, barrier, gathered_lora_state
+from raytune_qvl.train.checkpoint import save_checkpoint, save_trained
+from raytune_qvl.train.engine import WorkerContext, all_reduce_max, all_reduce_sum, barrier, gathered_trainable_state
 from raytune_qvl.train.outputs import BEST_DIR, COMPLETE_MARKER, DIVERGED_FILE, FINAL_DIR, replace_dir
 from raytune_qvl.train.session import Reporter, Session, setup
 
-__all__ = ["train", "run", "evaluate_loss"]
+__all__ = ["train", "run", "train_window", "token_count", "evaluate_loss"]
 
 log = logging.getLogger("raytune_qvl")
 
@@ -93,12 +94,14 @@ def _evaluate(s: Session, last: bool = False) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     if s.eval_dataset is None:
         return metrics
+    started = time.perf_counter()
     metrics["eval_loss"] = evaluate_loss(
         s.engine, s.eval_dataset, s.collator, s.ctx, s.cfg.training.per_device_eval_batch_size
     )
     s.state.evals += 1
     if s.generation is not None and (last or (s.state.evals - 1) % s.cfg.evaluation.generation_every == 0):
         metrics.update(s.generation.run(s.engine, step=s.state.global_step))
+    metrics["eval_seconds"] = time.perf_counter() - started  # loss and generation together
     return metrics
 
 
@@ -113,9 +116,35 @@ def _progress(s: Session) -> dict[str, Any]:
     }
 
 
+def token_count(batch: dict[str, Any]) -> int:
+    """Tokens a micro-batch trains on: labels the loss scores (shifted by one, not ignored)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def train_window(engine: Any, window: list[dict[str, Any]], tokens: float, world_size: int, nan: bool = False) -> Any:
+    """One optimizer step over its micro-batches, with the loss token-weighted over the whole
+    window on every rank: each micro-batch contributes its summed token loss divided by the
+    window's token count (`tokens`, all ranks), so how an effective batch is split into micro
+    batch x accumulation x workers does not change the step (transformers' num_items_in_batch).
+    DeepSpeed divides each backward by the accumulation steps and averages gradients over ranks,
+    hence the divisor tokens / (accumulation x world size). Returns this rank's share of the
+    step's mean token loss, on the device (no host sync)."""
+    per_micro = max(tokens, 1.0) / (len(window) * world_size)
+    share = None
+    for batch in window:
+        loss = engine(**_to_device(batch, engine.device), num_items_in_batch=per_micro).loss
+        if nan:
+            loss = loss * float("nan")
+        engine.backward(loss)
+        engine.step()  # steps the optimizer and scheduler only at the accumulation boundary
+        share = loss.detach().float() if share is None else share + loss.detach().float()
+    return share / (len(window) * world_size)
+
+
 def run(s: Session) -> dict[str, Any]:
-    """The loop: micro-steps with accumulation, then at each optimizer step log / evaluate /
-    checkpoint / report on visible conditions."""
+    """The loop: an optimizer step's micro-batches (token-weighted, see train_window), then log /
+    evaluate / checkpoint / report on visible conditions. One all-reduce per optimizer step: the
+    window's token count, with whether the previous step's loss was finite."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -125,11 +154,13 @@ def run(s: Session) -> dict[str, Any]:
     total_steps, accum = s.plan.total_steps, t.gradient_accumulation_steps
     metric_name, higher_better = t.metric_for_best_model, cfg.greater_is_better
     output_dir = Path(cfg.output.dir)
-    window = {"loss": 0.0, "micro": 0, "tokens": 0.0, "start": time.perf_counter(), "steps": 0}  # sums for the next log
+    zero = torch.zeros((), device=engine.device)
+    log = {"loss": zero.clone(), "tokens": 0.0, "start": time.perf_counter(), "steps": 0}  # sums for the next log
     last_metrics: dict[str, Any] = {}
     inject_nan = faults.nan_fault(cfg)
     injected = faults.Faults(cfg, ctx.rank, ctx.world_size)
     first_step = True
+    previous: tuple[int, float, Any] | None = None  # (step, learning rate, loss share) of the step before
 
     if t.eval_on_start and state.global_step == 0 and not s.resumed:
         s.reporter.report({**_progress(s), **_evaluate(s)}, None)
@@ -148,66 +179,50 @@ def run(s: Session) -> dict[str, Any]:
             # shift every dropout mask after a resume
             generator=torch.Generator().manual_seed(cfg.environment.seed * 1_000_003 + state.epoch),
         )
+        window: list[dict[str, Any]] = []
         for batch in loader:
-            boundary = (state.micro_batch + 1) % accum == 0
-            lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
-            window["tokens"] += float(batch["attention_mask"].sum())
-            batch = _to_device(batch, engine.device)
-
-            loss = engine(**batch).loss
-            if inject_nan and state.global_step >= 1:
-                loss = loss * float("nan")
-            engine.backward(loss)
-            engine.step()  # steps the optimizer and scheduler only at accumulation boundaries
-
-            window["loss"] += float(loss.detach().float())
-            window["micro"] += 1
-            state.micro_batch += 1
-            if not boundary:
+            window.append(batch)
+            if len(window) < accum:
                 continue
+            lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
+            bad_before = 0.0 if previous is None else (~torch.isfinite(previous[2])).float()
+            tokens, bad = all_reduce_sum([sum(token_count(b) for b in window), bad_before], engine.device)
+            if bad:  # a NaN on any worker stops every worker, naming the step it happened at
+                return _diverged(s, *previous[:2])
+            log["tokens"] += sum(float(b["attention_mask"].sum()) for b in window)
+            share = train_window(engine, window, tokens, ctx.world_size, nan=inject_nan and state.global_step >= 1)
+            state.micro_batch += len(window)
+            window = []
 
             state.global_step += 1
             state.samples_seen += s.plan.effective_batch
-            window["steps"] += 1
+            log["loss"] += share
+            log["steps"] += 1
             step = state.global_step
+            previous = (step, lr, share)
             last = step == total_steps
             metrics: dict[str, Any] = {}
             if first_step:  # how long this process took to get here (launch, workers, data, model, engine)
                 metrics.update(setup_seconds=time.time() - s.started_at, data_prep_seconds=s.data_seconds)
                 first_step = False
 
-            # a NaN on any worker stops every worker at the same step
-            (bad,) = all_reduce_max([0.0 if math.isfinite(window["loss"]) else 1.0], engine.device)
-            if bad:
-                # reported, not raised: Ray would retry a worker error from the last checkpoint
-                # and diverge again; the driver turns this into a failed run
-                # the report carries a marker checkpoint: Ray Train's result holds the metrics of
-                # the latest checkpoint, and a rerun of this run must not resume into a NaN
-                message = (
-                    f"loss is NaN or infinite at optimizer step {step} (learning rate {lr:.3g}); "
-                    "lower training.learning_rate"
-                )
-                with _staging(f"checkpoint-{step:06d}-diverged") as folder:
-                    folder.mkdir(parents=True)
-                    if ctx.is_main:
-                        (folder / DIVERGED_FILE).write_text(json.dumps({"step": step, "message": message}))
-                    s.reporter.report({**_progress(s), "diverged": message, "finished": True}, folder)
-                return {"diverged": message}
+            if last:  # the last step's loss is checked here: no window follows it
+                (bad,) = all_reduce_max([(~torch.isfinite(share)).float()], engine.device)
+                if bad:
+                    return _diverged(s, step, lr)
 
             if step % t.logging_steps == 0 or last:
-                loss_sum, micro_count, tokens = all_reduce_sum(
-                    [window["loss"], window["micro"], window["tokens"]], engine.device
-                )
-                elapsed = max(time.perf_counter() - window["start"], 1e-9)
+                loss_sum, tokens_seen = all_reduce_sum([log["loss"], log["tokens"]], engine.device)
+                elapsed = max(time.perf_counter() - log["start"], 1e-9)
                 grad_norm = engine.get_global_grad_norm()
                 metrics.update(
-                    loss=loss_sum / max(micro_count, 1),
+                    loss=loss_sum / max(log["steps"], 1),  # the mean token loss of the window's steps
                     learning_rate=lr,
                     grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                    samples_per_second=window["steps"] * s.plan.effective_batch / elapsed,
-                    tokens_per_second=tokens / elapsed,
+                    samples_per_second=log["steps"] * s.plan.effective_batch / elapsed,
+                    tokens_per_second=tokens_seen / elapsed,
                 )
-                window.update(loss=0.0, micro=0, tokens=0.0, start=time.perf_counter(), steps=0)
+                log.update(loss=zero.clone(), tokens=0.0, start=time.perf_counter(), steps=0)
 
             if step % t.eval_steps == 0 or last:
                 metrics.update(_evaluate(s, last=last))
@@ -215,7 +230,7 @@ def run(s: Session) -> dict[str, Any]:
                 if value is not None and is_better(value, state.best_metric, higher_better):
                     state.best_metric, state.best_step = value, step
                     _save_best(s, output_dir / BEST_DIR, step, metric_name, value)
-                window["start"] = time.perf_counter()  # evaluation time is not training throughput
+                log["start"] = time.perf_counter()  # evaluation time is not training throughput
 
             if state.micro_batch >= s.sampler.micro_batches_per_epoch():
                 state.epoch, state.micro_batch = state.epoch + 1, 0  # the epoch is done
@@ -223,29 +238,42 @@ def run(s: Session) -> dict[str, Any]:
                 metrics.update(_progress(s))
                 if state.best_metric is not None:
                     metrics[f"best_{metric_name}"] = state.best_metric
+                if last:  # the final adapter is on disk before the report that says the run finished
+                    _save_final(s, output_dir / FINAL_DIR, {**last_metrics, **metrics})
                 if step % t.save_steps == 0 or last:
-                    with gathered_lora_state(engine) as lora_state, _staging(f"checkpoint-{step:06d}") as folder:
-                        save_checkpoint(engine, folder, state, rank=ctx.rank, lora_state=lora_state)
+                    with gathered_trainable_state(engine) as trained, _staging(f"checkpoint-{step:06d}") as folder:
+                        save_checkpoint(engine, folder, state, rank=ctx.rank, trained=trained)
                         s.reporter.report({**metrics, "finished": last}, folder)
                 else:
                     s.reporter.report({**metrics, "finished": last}, None)
                 last_metrics.update(metrics)
-                window["start"] = time.perf_counter()
+                log["start"] = time.perf_counter()
             injected.after_report(step)
             if last:
                 break
-
-    _save_final(s, output_dir / FINAL_DIR, last_metrics)
     return last_metrics
+
+
+def _diverged(s: Session, step: int, lr: float) -> dict[str, Any]:
+    """Reported, not raised: Ray would retry a worker error from the last checkpoint and diverge
+    again; the driver turns this into a failed run. The report carries a marker checkpoint: Ray
+    Train's result holds the metrics of the latest checkpoint, and a rerun must not resume into a NaN."""
+    message = f"loss is NaN or infinite at optimizer step {step} (learning rate {lr:.3g}); lower training.learning_rate"
+    with _staging(f"checkpoint-{step:06d}-diverged") as folder:
+        folder.mkdir(parents=True)
+        if s.ctx.is_main:
+            (folder / DIVERGED_FILE).write_text(json.dumps({"step": step, "message": message}))
+        s.reporter.report({**_progress(s), "diverged": message, "finished": True}, folder)
+    return {"diverged": message}
 
 
 def _save_best(s: Session, folder: Path, step: int, metric_name: str, value: float) -> None:
     """The adapter at the best evaluation so far, with the predictions behind it."""
-    with gathered_lora_state(s.engine) as lora_state:
+    with gathered_trainable_state(s.engine) as trained:
         if s.ctx.is_main:
 
             def write(tmp: Path) -> None:
-                save_adapter(s.engine, tmp, lora_state)
+                save_trained(s.engine, tmp, trained)
                 (tmp / "best.json").write_text(json.dumps({"step": step, metric_name: value}))
                 if s.generation is not None:
                     s.generation.write_predictions(tmp)
@@ -256,11 +284,11 @@ def _save_best(s: Session, folder: Path, step: int, metric_name: str, value: flo
 
 def _save_final(s: Session, folder: Path, last_metrics: dict[str, Any]) -> None:
     """The trained adapter, with the processor and the configs that produced it."""
-    with gathered_lora_state(s.engine) as lora_state:
+    with gathered_trainable_state(s.engine) as trained:
         if s.ctx.is_main:
 
             def write(tmp: Path) -> None:
-                save_adapter(s.engine, tmp, lora_state)
+                save_trained(s.engine, tmp, trained)
                 s.processor.save_pretrained(str(tmp))
                 write_configs(s.cfg, s.plan.deepspeed, tmp)
                 (tmp / COMPLETE_MARKER).write_text(

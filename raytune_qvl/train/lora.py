@@ -1,5 +1,6 @@
-"""Which modules get LoRA: the language model's target modules, and the vision tower only when
-`vision_lora.enabled` (with its own rank and alpha through peft's rank_pattern/alpha_pattern).
+"""What trains: every weight (full fine-tuning), or LoRA adapters (the default) on the language
+model's target modules, and on the vision tower only when `vision_lora.enabled` (with its own rank
+and alpha through peft's rank_pattern/alpha_pattern).
 
 The seed's target names also match the vision tower's MLP (gate_proj/up_proj/down_proj), so
 names alone are not enough: targets are anchored to the part of the model they belong to.
@@ -13,7 +14,15 @@ from typing import Any
 
 from raytune_qvl.config.schema import LoraConfig
 
-__all__ = ["target_regex", "peft_config", "apply_lora", "parameter_parts", "trainable_by_part", "format_parts"]
+__all__ = [
+    "target_regex",
+    "peft_config",
+    "apply_lora",
+    "make_trainable",
+    "parameter_parts",
+    "trainable_by_part",
+    "format_parts",
+]
 
 _LANGUAGE = r"language_model"  # Qwen2.5-VL: model.language_model.layers.N...
 _VISION = r"visual\.blocks"  # Qwen2.5-VL: model.visual.blocks.N... (the merger is visual.merger)
@@ -57,6 +66,15 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
     from peft import get_peft_model
 
     return get_peft_model(model, peft_config(lora))
+
+
+def make_trainable(model: Any, finetuning_type: str, lora: LoraConfig) -> Any:
+    """What trains: LoRA adapters (`lora`, the default), or every weight (`full`)."""
+    if finetuning_type == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    return apply_lora(model, lora)
 
 
 def parameter_parts(name: str) -> str:

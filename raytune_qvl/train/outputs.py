@@ -35,6 +35,8 @@ __all__ = [
     "ray_run_name",
     "check_output",
     "make_output",
+    "training_fingerprint",
+    "config_changes",
 ]
 
 FINAL_DIR = "final"  # <output.dir>/final: the trained adapter, processor and resolved configs
@@ -113,7 +115,67 @@ def check_output(cfg: Config, *, overwrite: bool) -> dict[str, Any]:
         rule = f"this run diverged ({message}); change the config and pass --overwrite to start over"
         raise ConfigError([Problem(str(out), "output.dir", rule, show_value=False)])
     record_file = out / RUN_FILE
-    return json.loads(record_file.read_text()) if record_file.exists() else {}
+    record = json.loads(record_file.read_text()) if record_file.exists() else {}
+    changed = config_changes(record.get("config"), training_fingerprint(cfg))
+    if changed:
+        rule = (
+            f"holds a run trained with another config ({'; '.join(changed)}): resuming would mix the two; "
+            "pass --overwrite to start over or choose another output.dir"
+        )
+        raise ConfigError([Problem(str(out), "output.dir", rule, show_value=False)])
+    return record
+
+
+# What a resumed run may change: where it logs and reports, how often, how it is evaluated, the
+# resources it runs on. Everything else decides what is trained and must match the checkpoint's.
+_RESUMABLE = (
+    "output.",
+    "evaluation.",
+    "ray.address",
+    "ray.storage_path",
+    "ray.shared_storage",
+    "ray.max_failures",
+    "ray.placement_strategy",
+    "ray.resources_per_worker",
+    "data.num_workers",
+    "data.cache_dir",
+    "environment.dataloader_pin_memory",
+    "environment.deepspeed",  # the file's path: its content is compared as `deepspeed`
+    "training.logging_steps",
+    "training.eval_steps",
+    "training.save_steps",
+    "training.save_total_limit",
+    "training.eval_on_start",
+    "training.per_device_eval_batch_size",
+    "training.metric_for_best_model",
+    "training.greater_is_better",
+)
+# micro batch x accumulation may change when the effective batch stays (an out-of-memory retry does)
+_SPLIT = ("training.per_device_train_batch_size", "training.gradient_accumulation_steps")
+
+
+def training_fingerprint(cfg: Config) -> dict[str, Any]:
+    """The settings that decide what a run trains (flattened), and its effective batch."""
+    from raytune_qvl.config.overrides import flatten
+
+    flat = flatten({**cfg.training_dict(), **cfg.lora_dict(), "deepspeed": cfg.deepspeed})
+    kept = {k: v for k, v in flat.items() if not k.startswith(_RESUMABLE)}
+    t = cfg.training
+    kept["effective_batch"] = t.per_device_train_batch_size * cfg.ray.num_workers * t.gradient_accumulation_steps
+    return json.loads(json.dumps(kept, default=str))  # as it reads back from the run file
+
+
+def config_changes(before: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
+    """'key old -> new' for each training setting that differs (none when there is no record)."""
+    if before is None:
+        return []
+    changed = []
+    for key in sorted(set(before) | set(now)):
+        if key in _SPLIT and before.get("effective_batch") == now.get("effective_batch"):
+            continue
+        if before.get(key) != now.get(key):
+            changed.append(f"{key} {before.get(key)!r} -> {now.get(key)!r}")
+    return changed
 
 
 def make_output(cfg: Config, *, overwrite: bool) -> None:

@@ -24,6 +24,7 @@ from raytune_qvl.train.outputs import (
     check_output,
     make_output,
     ray_run_name,
+    training_fingerprint,
 )
 from raytune_qvl.train.preflight import preflight
 
@@ -115,8 +116,10 @@ def run_training(
         tracker = connect(uri, cfg.output.experiment_name)
         previous = record.get("mlflow_run_id") if record.get("tracking_uri") == uri else None
         run_id = open_training_run(tracker, cfg, pre, previous)
-        record = {"mlflow_run_id": run_id, "tracking_uri": uri, "ray_run_name": ray_run_name(cfg)}
-        (Path(cfg.output.dir) / RUN_FILE).write_text(json.dumps(record))
+    # what a rerun of this folder resumes: its MLflow run, and the config it must still have
+    record = {"mlflow_run_id": run_id, "tracking_uri": uri, "ray_run_name": ray_run_name(cfg)}
+    record["config"] = training_fingerprint(cfg)
+    (Path(cfg.output.dir) / RUN_FILE).write_text(json.dumps(record))
 
     history: list[dict[str, Any]] = []
     started = time.perf_counter()

@@ -99,7 +99,7 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
     from raytune_qvl.data.cache import load_or_prepare
     from raytune_qvl.data.processor import load_processor
     from raytune_qvl.train.evaluate import GenerationEval
-    from raytune_qvl.train.lora import apply_lora, format_parts, trainable_by_part
+    from raytune_qvl.train.lora import format_parts, make_trainable, trainable_by_part
     from raytune_qvl.train.model import load_model
 
     t = cfg.training
@@ -117,8 +117,8 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
         check_audit(eval_split.audit, cfg.data)
     plan = make_plan(cfg, num_samples=len(train_split.items))
 
-    # model + LoRA + DeepSpeed
-    model = apply_lora(load_model(cfg, on_gpu=ctx.on_gpu), cfg.lora)
+    # model + LoRA (or every weight, for full fine-tuning) + DeepSpeed
+    model = make_trainable(load_model(cfg, on_gpu=ctx.on_gpu), t.finetuning_type, cfg.lora)
     if ctx.is_main:
         log.info(format_parts(trainable_by_part(model)))
     ds_config, notes = device_config(plan.deepspeed, on_gpu=ctx.on_gpu)

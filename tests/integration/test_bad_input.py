@@ -78,7 +78,12 @@ CASES: list[tuple[str, Case, int, list[str]]] = [
         ["training.learning_rate", "must be <= 0.01"],
     ),
     ("rank_zero", lambda t: _train(t, "lora.r=0"), 2, ["lora.r", "must be >= 1"]),
-    ("bf16_and_fp16", lambda t: _train(t, "environment.fp16=true"), 2, ["bf16 and fp16 cannot both be true"]),
+    (
+        "bf16_and_fp16",
+        lambda t: _train(t, "environment.bf16=true", "environment.fp16=true"),
+        2,
+        ["bf16 and fp16 cannot both be true"],
+    ),
     ("unknown_section", lambda t: _train(t, "optimizer.lr=1"), 2, ["optimizer.lr", "unknown section"]),
     ("override_without_value", lambda t: _train(t, "training.learning_rate"), 2, ["section.key=value"]),
     (

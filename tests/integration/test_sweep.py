@@ -26,7 +26,7 @@ def _space(tmp_path: Path) -> Path:
         "base": {
             "config": str(ROOT / "configs/tiny/training_config.yaml"),
             "lora_config": str(ROOT / "configs/tiny/lora_config.yaml"),
-            "deepspeed": str(ROOT / "configs/ds_config_zero2.json"),
+            "deepspeed": str(ROOT / "configs/tiny/ds_config_zero2.json"),
         },
         "overrides": {
             "training.learning_rate": 1.0e-3,
@@ -68,26 +68,29 @@ PLANNED = 4 + 2 + 1 + 1  # trials per stage; the incumbent is never retrained
 def test_staged_sweep_with_a_failure_an_interrupt_and_a_resume(tiny_assets: Path, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from raytune_qvl.train.faults import PAUSED_MESSAGE
-
     space_file = _space(tmp_path)
     # one learning rate diverges (NaN loss from step 2): that trial fails, the sweep goes on
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAYTUNE_QVL_FAULT_NAN": "training.learning_rate=0.0006"}
     # stage 2's rank-4 trial stops after its step 2 and waits: the Ctrl-C lands mid-stage, mid-trial
     paused_env = {**env, "RAYTUNE_QVL_FAULT_PAUSE": "lora.r=4@2"}
     cmd = [sys.executable, "-m", "raytune_qvl.sweep", str(space_file)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=paused_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = []
-    deadline = time.time() + 900
-    for line in proc.stdout:  # type: ignore[union-attr]
-        log.append(line)
-        if PAUSED_MESSAGE in line:
-            proc.send_signal(signal.SIGINT)
-            break
-        assert time.time() < deadline, "".join(log[-50:])
-    rest, _ = proc.communicate(timeout=300)
-    output = "".join(log) + rest
+    log_file = tmp_path / "first.log"
+    with log_file.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=paused_env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        # the paused worker leaves its marker in the trial's output folder (worker logs stay in Ray's)
+        paused = tmp_path / "sweeps" / "itest" / "trials"
+        deadline = time.time() + 900
+        while not list(paused.glob("*/.faults/pause-2-rank0")):
+            assert proc.poll() is None and time.time() < deadline, log_file.read_text()[-4000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+    output = log_file.read_text()
     assert proc.returncode == 130, output[-4000:]
+    # the diverged trial is one line in the terminal (its traceback stays in its error file and MLflow run)
+    assert "Traceback" not in output and "Fatal Python error" not in output, output[-4000:]
+    failures = [line for line in output.splitlines() if " failed: " in line]
+    assert len(failures) == 1 and "NaN" in failures[0], output[-4000:]
     assert "--resume" in output
     state_path = tmp_path / "sweeps" / "itest" / "sweep_state.json"
     state = json.loads(state_path.read_text())
@@ -101,6 +104,7 @@ def test_staged_sweep_with_a_failure_an_interrupt_and_a_resume(tiny_assets: Path
     resumed = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     assert "stage1-training_learning_rate: already done" in resumed.stderr
+    assert "Traceback" not in resumed.stdout + resumed.stderr and "Fatal Python error" not in resumed.stdout
 
     state = json.loads(state_path.read_text())
     assert state["finished"] is True

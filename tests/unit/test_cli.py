@@ -57,7 +57,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 
 def test_data_audit_cli(tiny_assets: Path) -> None:
-    data = tiny_assets / "data" / "ocr_doc" / "train.jsonl"
+    data = tiny_assets / "data" / "forms" / "train.jsonl"
     result = run_cli("raytune_qvl.data", str(data), "--config", str(TINY_TRAIN))
     assert result.returncode == 0, result.stderr
     assert "256 records, 256 kept, 0 dropped" in result.stdout
@@ -72,8 +72,8 @@ def test_train_in_a_ray_jobs_temporary_folder_refuses_relative_outputs(tiny_asse
     assets = ROOT / ".assets"
     paths = [
         f"model.name={assets / 'tiny-qwen25vl'}",
-        f"data.train_path={assets / 'data/ocr_doc/train.jsonl'}",
-        f"data.eval_path={assets / 'data/ocr_doc/eval.jsonl'}",
+        f"data.train_path={assets / 'data/forms/train.jsonl'}",
+        f"data.eval_path={assets / 'data/forms/eval.jsonl'}",
     ]
     args = [
         "raytune_qvl.train",

@@ -33,8 +33,11 @@ def test_seed_jsons_fill_completely(path: Path) -> None:
     assert cfg["optimizer"]["params"]["weight_decay"] == pytest.approx(0.01)
     # the seed's WarmupDecayLR (linear) contradicts lr_scheduler_type: cosine
     assert cfg["scheduler"]["type"] == "WarmupCosineLR"
-    assert cfg["scheduler"]["params"]["total_num_steps"] == 300
+    # 300 planned steps: DeepSpeed's cosine, started at the first step, reaches its floor at step
+    # total_num_steps, so it is told one more and the last step still trains
+    assert cfg["scheduler"]["params"]["total_num_steps"] == 301
     assert cfg["scheduler"]["params"]["warmup_num_steps"] == 15  # ceil(300 x 0.05)
+    assert cfg["scheduler"]["params"]["warmup_min_ratio"] == pytest.approx(1 / 16)  # the first step trains
     assert cfg["scheduler"]["params"]["warmup_type"] == "linear"
     assert any("WarmupDecayLR replaced by WarmupCosineLR" in n for n in filled.notes)
     assert ds["scheduler"]["type"] == "WarmupDecayLR"  # the input is not modified
@@ -151,4 +154,4 @@ def test_matching_scheduler_keeps_the_json_choices() -> None:
     }
     params = fill_deepspeed(ds, TRAINING, ENV, world_size=1, total_steps=100).config["scheduler"]["params"]
     assert params["cos_min_ratio"] == 0.1 and params["warmup_type"] == "log"
-    assert params["total_num_steps"] == 100 and params["warmup_num_steps"] == 5
+    assert params["total_num_steps"] == 101 and params["warmup_num_steps"] == 5  # 100 planned, see above

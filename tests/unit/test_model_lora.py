@@ -101,7 +101,7 @@ def _fixed_batch(tiny_assets: Path, processor):
     from raytune_qvl.data.batches import Collator, TrainDataset
 
     split = prepare_split(
-        tiny_assets / "data" / "ocr_doc" / "eval.jsonl", processor, DataConfig(min_image_size=112, max_image_size=336)
+        tiny_assets / "data" / "forms" / "eval.jsonl", processor, DataConfig(min_image_size=28, max_image_size=336)
     )
     ds = TrainDataset(split.items[:4], processor)
     return Collator(processor.tokenizer.pad_token_id)([ds[i] for i in range(4)])

@@ -27,7 +27,7 @@ def test_shipped_spaces_load(name: str, tiny_assets: Path, in_root: Path) -> Non
         "ocr_doc": "eval_cer",
         "ocr_formula": "eval_ned",
         "general_vqa": "eval_anls",
-        "tiny_cpu": "eval_loss",
+        "tiny_cpu": "eval_cer",
     }[name]
     assert space.metric == expected_metric and space.mode == ("max" if name == "general_vqa" else "min")
     if name != "tiny_cpu":
@@ -69,6 +69,12 @@ def _space(tmp_path: Path, **changes) -> Path:
 
 
 BAD = [
+    # the square-root rule's rate at batch 32 from 16 is 1/sqrt(2) of the linear rule's: 0.2 cannot reach it
+    ({"lr_scaling": {"rule": "sqrt", "local_search": 0.2}}, ["lr_scaling.local_search", "set it to at least 0.41"]),
+    (
+        {"parameters": {"training.learning_rate": {"choices": [9e-3]}, "effective_batch": {"choices": [8, 32]}}},
+        ["lr_scaling", "can reach learning rate 0.0191 (> 0.01)"],
+    ),
     ({"pruner": {"type": "MedianPruner"}}, ["pruner", "ignores Optuna pruners", "asha"]),
     ({"stratgy": "staged"}, ["stratgy", "did you mean 'strategy'"]),
     ({"strategy": "grid"}, ["strategy", "'staged', 'joint' or 'random'"]),
@@ -87,7 +93,7 @@ BAD = [
     ({"parameters": {"training.learning_rate": {"choices": [0.5]}}}, ["must be <= 0.01"]),
     (
         {"parameters": {"effective_batch": {"choices": [16, 18]}}},
-        ["effective batch 18 is not a multiple of micro batch 4 x 1 workers"],
+        ["effective batch 18 is not a multiple of micro batch 8 x 1 workers"],  # tiny_cpu: micro 8
     ),
     ({"parameters": {"model.attn_implementation": {"low": 1, "high": 2}}}, ["not numeric: use choices"]),
     ({"metric": "eval_acc"}, ["metric", "not a metric the loop reports"]),
@@ -121,7 +127,7 @@ def test_bad_search_spaces(
 def test_point_to_config_arithmetic(tiny_assets: Path, in_root: Path, tmp_path: Path) -> None:
     space, base = load_search_space(SPACES / "tiny_cpu.yaml")
     batch_stage = stages(space)[2]
-    assert set(batch_stage.params) == {EFFECTIVE_BATCH, LR_FACTOR}  # linear scaling + local search
+    assert set(batch_stage.params) == {EFFECTIVE_BATCH, LR_FACTOR}  # a scaling rule + local search
     point = {
         "training.learning_rate": 1e-3,
         "lora.r": 16,
@@ -129,10 +135,15 @@ def test_point_to_config_arithmetic(tiny_assets: Path, in_root: Path, tmp_path: 
         "training.num_epochs": 2,
         LR_FACTOR: 1.1,
     }
-    over = point_overrides(space, base, point, lr_batch=16)
+    linear = space.model_copy(update={"lr_scaling": space.lr_scaling.model_copy(update={"rule": "linear"})})
+    over = point_overrides(linear, base, point, lr_batch=16)
     assert over["lora.lora_alpha"] == 32  # alpha follows the rank (ratio 2)
-    assert over["training.gradient_accumulation_steps"] == 8  # 32 / (4 micro x 1 worker)
+    assert over["training.gradient_accumulation_steps"] == 4  # 32 / (8 micro x 1 worker)
     assert over["training.learning_rate"] == pytest.approx(1e-3 * 32 / 16 * 1.1)
+    # the default for Adam: the square-root rule
+    assert space.lr_scaling.rule == "sqrt"
+    over = point_overrides(space, base, point, lr_batch=16)
+    assert over["training.learning_rate"] == pytest.approx(1e-3 * (32 / 16) ** 0.5 * 1.1)
     cfg = trial_config(space, base, point, 16, str(tmp_path / "t"), eval_steps=3)
     assert cfg.training.eval_steps == cfg.training.save_steps == 3
     assert cfg.output.report_to == "none" and cfg.ray.num_workers == 1
@@ -150,7 +161,7 @@ def test_sweep_dry_run(tiny_assets: Path) -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "stage1-training_learning_rate: 4 trials" in out and "stage4-training_num_epochs" in out
-    assert "batch    32: accumulation   8" in out
+    assert "batch    32: accumulation   4" in out  # micro batch 8 x 1 worker
     assert "concurrent trials: 2" in out
     bad = run_cli("raytune_qvl.sweep", str(SPACES / "tiny_cpu.yaml"), "--dry-run", "stratgy=joint")
     assert bad.returncode == 2 and "did you mean 'strategy'" in bad.stderr and "Traceback" not in bad.stderr

@@ -52,7 +52,7 @@ def _search(tiny_space, known: dict, points_to_evaluate: list | None = None):
         sampler=optuna.samplers.TPESampler(seed=0),
         points_to_evaluate=points_to_evaluate,
     )
-    return UniqueSearch(inner, _resolver(tiny_space), RANKS, known, seed=0)
+    return UniqueSearch(inner, _resolver(tiny_space), RANKS, known, seed=0, sampler="tpe", startup=1)
 
 
 def _key(tiny_space, r: int) -> tuple:
@@ -63,10 +63,19 @@ def test_a_repeat_suggestion_is_told_the_known_result_and_not_trained(tiny_space
     # Optuna's first suggestion is the point trained in an earlier stage (r=4, CER 0.5)
     search = _search(tiny_space, {_key(tiny_space, 4): 0.5}, points_to_evaluate=[{"lora.r": 4}])
     suggested = search.suggest("trial-1")
-    assert suggested == {"lora.r": 8}  # the other point, not the repeat
+    assert suggested["lora.r"] == 8  # the other point, not the repeat
+    assert suggested["sampler"] == "tpe"  # the searcher's own words; one told result: TPE models from here
     study = search.inner._ot_study
     told = [t for t in study.trials if t.params == {"lora.r": 4}]
     assert len(told) == 1 and told[0].value == pytest.approx(0.5) and told[0].state.name == "COMPLETE"
+
+
+def test_a_repeat_is_told_once(tiny_space) -> None:
+    """Optuna keeps suggesting the known point; its result is counted once, not at every repeat."""
+    search = _search(tiny_space, {_key(tiny_space, 4): 0.5}, points_to_evaluate=[{"lora.r": 4}, {"lora.r": 4}])
+    assert search.suggest("trial-1")["lora.r"] == 8
+    complete = [t for t in search.inner._ot_study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 1  # the second repeat was dropped (FAIL), not told again
 
 
 def test_an_exhausted_finite_space_ends_the_stage(tiny_space) -> None:
@@ -95,19 +104,45 @@ def _record(trial: str, value: float | None, status: str = "completed") -> Trial
     return TrialRecord(trial, "stage1-training_learning_rate", {"training.learning_rate": 1e-3}, {}, value, status)
 
 
-def test_rank_puts_the_best_first_and_a_completed_trial_before_a_stopped_tie() -> None:
+def test_only_full_budgets_are_ranked_and_a_stopped_trial_never_wins() -> None:
     records = [
-        _record("stopped", 0.2, "stopped"),
+        _record("stopped", 0.1, "stopped"),  # the lowest value, at a partial budget
         _record("worse", 0.3),
         _record("failed", 0.01, "failed"),
         _record("nan", math.nan),
         _record("none", None),
         _record("completed", 0.2),
+        _record("earlier", 0.25, "reused"),  # a full run of an earlier stage, counted again
     ]
-    assert [r.trial_id for r in rank(records, "min")] == ["completed", "stopped", "worse"]
-    assert [r.trial_id for r in rank(records, "max")] == ["worse", "completed", "stopped"]
+    assert [r.trial_id for r in rank(records, "min")] == ["completed", "earlier", "worse"]
+    assert [r.trial_id for r in rank(records, "max")] == ["worse", "earlier", "completed"]
     assert best_record(records, "min").trial_id == "completed"
-    assert best_record([_record("failed", 0.1, "failed")], "min") is None
+    assert best_record([_record("failed", 0.1, "failed"), _record("stopped", 0.1, "stopped")], "min") is None
+
+
+def test_the_sampler_is_named_for_what_really_runs(tiny_space) -> None:
+    from raytune_qvl.sweep.search import max_budget, make_scheduler, sampler_for
+    from raytune_qvl.sweep.space import stages
+
+    space, base = tiny_space
+    resolver = _resolver(tiny_space)
+    lr, rank_stage, batch, epochs = stages(space)
+    assert sampler_for(space, lr, resolver, {}) == ("grid", 0)  # 4 choices, 4 trials: every choice
+    assert sampler_for(space, rank_stage, resolver, {}) == ("tpe", 1)  # 4 choices, 3 trials: TPE, 1 at random
+    assert sampler_for(space, rank_stage, resolver, {_key(tiny_space, 8): 0.3}) == ("grid", 0)  # 3 untried left
+    assert sampler_for(space, batch, resolver, {}) == ("tpe", 1)  # a continuous lr factor: no grid
+    random_space = space.model_copy(update={"strategy": "random"})
+    assert sampler_for(random_space, lr, resolver, {}) == ("random", 0)
+    # the epochs stage compares whole schedules: no early stopping there
+    assert type(make_scheduler(space, epochs, 8.0)).__name__ == "FIFOScheduler"
+    assert type(make_scheduler(space, lr, 6.0)).__name__ == "AsyncHyperBandScheduler"
+    fixed = {"training.num_epochs": 6}
+    assert max_budget(space, base, lr, fixed, 256) == 6.0
+    capped = space.model_copy(update={"asha": space.asha.model_copy(update={"max_t": 3.0})})
+    assert max_budget(capped, base, lr, fixed, 256) == 3.0  # asha.max_t is honoured
+    samples = space.model_copy(update={"asha": space.asha.model_copy(update={"time_attr": "samples_seen"})})
+    # an epoch trains whole effective batches: 250 samples at batch 16 train 240 of them
+    assert max_budget(samples, base, lr, {**fixed, "effective_batch": 16}, 250) == 6 * 240
 
 
 def test_a_trials_value_is_its_last_reported_number() -> None:

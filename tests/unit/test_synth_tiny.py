@@ -44,4 +44,4 @@ def test_tiny_model_loads_like_a_real_checkpoint(tiny_assets: Path) -> None:
         add_generation_prompt=True,
     )
     assert text.endswith("<|im_start|>assistant\n") and "<|vision_start|><|image_pad|><|vision_end|>" in text
-    assert sum(f.stat().st_size for f in folder.iterdir()) < 3_000_000
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 10_000_000  # 1.8M fp32 weights: a few MB

@@ -1,0 +1,75 @@
+"""The sweep's terminal view, one line per event: a trial starts (with the point it trains), reports
+an evaluation (its epoch and metric), and ends — completed, stopped by ASHA, or failed with its
+one-line reason. Worker output stays in Ray's session logs, and Tune's own trial-error traceback
+stays in the trial's error file and its MLflow run: a stopped trial prints no stack dump."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray.tune import Callback
+
+from raytune_qvl.errors import trial_error
+
+__all__ = ["SweepProgress", "quiet_trial_errors"]
+
+# the overrides a line shows, with their short names
+_SHOWN = {
+    "training.learning_rate": "lr",
+    "lora.r": "r",
+    "training.gradient_accumulation_steps": "accum",
+    "training.num_epochs": "epochs",
+}
+
+
+class _DropTrialTaskFailures(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Trial task failed for trial")
+
+
+def quiet_trial_errors() -> None:
+    """Tune logs a failed trial's whole traceback on the driver; SweepProgress prints its reason in
+    one line instead (the traceback stays in the trial's error file and MLflow run)."""
+    logger = logging.getLogger("ray.tune.execution.tune_controller")
+    if not any(isinstance(f, _DropTrialTaskFailures) for f in logger.filters):
+        logger.addFilter(_DropTrialTaskFailures())
+
+
+class SweepProgress(Callback):
+    """`overrides(sampled) -> config overrides` names what a trial trains (the sweep's PointResolver)."""
+
+    def __init__(self, stage: str, metric: str, overrides: Any):
+        self.stage, self.metric, self.overrides = stage, metric, overrides
+
+    def _say(self, trial: Any, text: str) -> None:
+        print(f"  [{self.stage}] {trial.trial_id}  {text}", flush=True)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        try:
+            chosen = self.overrides(trial.config)
+        except Exception:  # noqa: BLE001 - the trial itself will report a point that cannot be built
+            chosen = dict(trial.config)
+        point = ", ".join(f"{short} {_fmt(chosen[key])}" for key, short in _SHOWN.items() if key in chosen)
+        sampler = trial.config.get("sampler")
+        self._say(trial, f"started{f' ({sampler})' if sampler else ''}: {point}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get(self.metric) is not None:
+            self._say(trial, f"epoch {result.get('epoch', 0):.2f}  {self.metric} {result[self.metric]:.4f}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        value = last.get(self.metric)
+        shown = f" ({self.metric} {value:.4f})" if isinstance(value, (int, float)) else ""
+        if last.get("finished"):
+            self._say(trial, f"completed{shown}")
+        else:
+            self._say(trial, f"stopped by ASHA at epoch {last.get('epoch', 0):.2f}{shown}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._say(trial, f"failed: {trial_error(trial)}")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
