@@ -170,6 +170,7 @@ def _absolute_paths(cfg: Config) -> Config:
         update={
             "train_path": _abs(cfg.data.train_path),
             "eval_path": _abs(cfg.data.eval_path),
+            "test_path": _abs(cfg.data.test_path),
             "cache_dir": _abs(cfg.data.cache_dir),
         }
     )

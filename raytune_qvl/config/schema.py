@@ -102,6 +102,7 @@ class PreprocessingConfig(Section):
 class DataConfig(Section):
     train_path: str = "./data/train.jsonl"
     eval_path: str | None = "./data/eval.jsonl"
+    test_path: str | None = None  # held out: read only at a run's last step (a sweep: its final report)
     max_length: int = Field(2048, ge=32)  # tokens; longer samples are dropped, never cut
     max_image_size: int = Field(1280, ge=28)  # long side in px of a square image: max_pixels = size**2
     min_image_size: int = Field(256, ge=28)  # likewise: min_pixels = size**2

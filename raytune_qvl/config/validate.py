@@ -68,6 +68,8 @@ def validate_config(
             _check_file(add, ["data", "train_path"], data.train_path, "training data")
             if data.eval_path is not None:
                 _check_file(add, ["data", "eval_path"], data.eval_path, "eval data")
+            if data.test_path is not None:
+                _check_file(add, ["data", "test_path"], data.test_path, "test data")
 
     if training is not None:
         metric = training.metric_for_best_model

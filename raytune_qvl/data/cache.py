@@ -92,7 +92,7 @@ def load_or_prepare(cfg: Config, processor: Any, split: str, *, progress: bool =
     concurrent workers wait on a file lock and then read what the first one wrote)."""
     from filelock import FileLock
 
-    path_str = cfg.data.train_path if split == "train" else cfg.data.eval_path
+    path_str = {"train": cfg.data.train_path, "eval": cfg.data.eval_path, "test": cfg.data.test_path}[split]
     if path_str is None:
         return None
     path = Path(path_str)

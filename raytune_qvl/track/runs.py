@@ -80,7 +80,8 @@ def log_inputs(tracker: Tracker, run_id: str, cfg: Any, pre: Any) -> None:
 
 def log_audit(tracker: Tracker, run_id: str, pre: Any) -> None:
     """The data audit of every split: metrics at step 0, data/audit.json and data/audit.txt."""
-    audits = {"train": pre.train.audit} | ({"eval": pre.eval.audit} if pre.eval is not None else {})
+    splits = {"train": pre.train, "eval": pre.eval, "test": pre.test}
+    audits = {name: split.audit for name, split in splits.items() if split is not None}
     for split, audit in audits.items():
         tracker.log_metrics(run_id, audit.metrics(f"data_{split}"), step=0)
     tracker.log_dict(run_id, {split: a.to_dict() for split, a in audits.items()}, "data/audit.json")

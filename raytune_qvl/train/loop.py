@@ -105,6 +105,20 @@ def _evaluate(s: Session, last: bool = False) -> dict[str, Any]:
     return metrics
 
 
+def _test(s: Session) -> dict[str, Any]:
+    """The held-out test split, scored once at the last step: test_loss and the task's test_*
+    generation metrics. Nothing in the run chooses by it."""
+    if s.test is None:
+        return {}
+    dataset, generation = s.test
+    batch = s.cfg.training.per_device_eval_batch_size
+    metrics = {"test_loss": evaluate_loss(s.engine, dataset, s.collator, s.ctx, batch)}
+    if generation is not None:
+        scores = generation.run(s.engine, step=s.state.global_step)
+        metrics.update({"test_" + k.removeprefix("eval_"): v for k, v in scores.items()})
+    return metrics
+
+
 def _progress(s: Session) -> dict[str, Any]:
     return {
         "step": s.state.global_step,
@@ -226,6 +240,8 @@ def run(s: Session) -> dict[str, Any]:
 
             if step % t.eval_steps == 0 or last:
                 metrics.update(_evaluate(s, last=last))
+                if last:
+                    metrics.update(_test(s))
                 value = metrics.get(metric_name)
                 if value is not None and is_better(value, state.best_metric, higher_better):
                     state.best_metric, state.best_step = value, step

@@ -21,6 +21,7 @@ class Preflight:
     train: Any  # PreparedSplit
     eval: Any  # PreparedSplit | None
     plan: Plan
+    test: Any = None  # PreparedSplit | None: audited here, read only at the end
 
 
 def preflight(cfg: Config, *, progress: bool | None = None) -> Preflight:
@@ -34,6 +35,8 @@ def preflight(cfg: Config, *, progress: bool | None = None) -> Preflight:
     train = load_or_prepare(cfg, processor, "train", progress=progress)
     check_audit(train.audit, cfg.data)
     eval_split = load_or_prepare(cfg, processor, "eval", progress=progress)
-    if eval_split is not None:
-        check_audit(eval_split.audit, cfg.data)
-    return Preflight(processor, train, eval_split, make_plan(cfg, num_samples=len(train.items)))
+    test_split = load_or_prepare(cfg, processor, "test", progress=progress)
+    for split in (eval_split, test_split):
+        if split is not None:
+            check_audit(split.audit, cfg.data)
+    return Preflight(processor, train, eval_split, make_plan(cfg, num_samples=len(train.items)), test_split)

@@ -81,6 +81,7 @@ class Session:
     collator: Any
     sampler: Any
     generation: Any
+    test: Any  # (dataset, GenerationEval) of the held-out test split, read at the last step only; or None
     state: TrainState
     resumed: bool
     start_step: int  # the step this process started from
@@ -111,10 +112,12 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
     data_started = time.perf_counter()
     train_split = load_or_prepare(cfg, processor, "train")
     eval_split = load_or_prepare(cfg, processor, "eval")
+    test_split = load_or_prepare(cfg, processor, "test")
     data_seconds = time.perf_counter() - data_started
     check_audit(train_split.audit, cfg.data)
-    if eval_split is not None:
-        check_audit(eval_split.audit, cfg.data)
+    for split in (eval_split, test_split):
+        if split is not None:
+            check_audit(split.audit, cfg.data)
     plan = make_plan(cfg, num_samples=len(train_split.items))
 
     # model + LoRA (or every weight, for full fine-tuning) + DeepSpeed

@@ -118,8 +118,9 @@ def _space(tmp_path: Path, **changes) -> Path:
             "training.gradient_accumulation_steps": 2,
             "evaluation.generation_samples": 2,
             "model.name": str(assets / "tiny-qwen25vl"),
-            "data.train_path": str(assets / "data" / "ocr_doc" / "train.jsonl"),
-            "data.eval_path": str(assets / "data" / "ocr_doc" / "eval.jsonl"),
+            "data.train_path": str(assets / "data" / "forms" / "train.jsonl"),
+            "data.eval_path": str(assets / "data" / "forms" / "eval.jsonl"),
+            "data.test_path": str(assets / "data" / "forms" / "test.jsonl"),
         },
         **{**settings, **changes},
     )
