@@ -32,6 +32,7 @@ __all__ = [
     "TAG_BEST_TRIAL",
     "TAG_BUDGET_EPOCH",
     "TAG_BUDGET_SAMPLES",
+    "TAG_BOUNDARY",
     "TAG_PARENT",
     "TAG_EXPERIMENT_KIND",
 ]
@@ -47,6 +48,7 @@ TAG_TRIAL_ID = "raytune_qvl.trial_id"  # a trial's Tune id
 TAG_BEST_TRIAL = "raytune_qvl.best_trial"  # a sweep's best trial
 TAG_BUDGET_EPOCH = "raytune_qvl.budget_epoch"  # where ASHA stopped a trial
 TAG_BUDGET_SAMPLES = "raytune_qvl.budget_samples"
+TAG_BOUNDARY = "raytune_qvl.boundary"  # a sweep winner at the edge of its range, and what to try next
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"  # which view MLflow's UI opens an experiment in
 _SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.I)
@@ -122,12 +124,18 @@ class Tracker:
             self.client.log_batch(run_id, params=new[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        self.log_metric_rows(run_id, [(metrics, step or 0)])
+
+    def log_metric_rows(self, run_id: str, rows: list[tuple[Mapping[str, Any], int]], wait: bool = True) -> None:
+        """Several reports (metrics at their step) in as few writes as MLflow allows.
+        `wait=False`: MLflow's asynchronous logging, for a caller that must not block on the
+        store (a sweep's driver thread); `end` waits for what is queued."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, step or 0) for k, v in _numeric(metrics).items()]
-        for i in range(0, len(batch), 500):
-            self.client.log_batch(run_id, metrics=batch[i : i + 500])
+        batch = [Metric(k, v, now, step) for metrics, step in rows for k, v in _numeric(metrics).items()]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(run_id, metrics=batch[i : i + 1000], synchronous=wait)
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -156,7 +164,15 @@ class Tracker:
         self.client.log_table(run_id, data=pd.DataFrame(rows), artifact_file=artifact_file)
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.flush()
         self.client.set_terminated(run_id, status=status)
+
+    @staticmethod
+    def flush() -> None:
+        """Wait for the metric writes queued with `wait=False`."""
+        import mlflow
+
+        mlflow.flush_async_logging()
 
     def runs(self, filter_string: str = "") -> list[Any]:
         return self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=10_000)

@@ -11,6 +11,7 @@ from typing import Any
 from ray.tune import Callback
 
 from raytune_qvl.errors import trial_error
+from raytune_qvl.reports import unpack
 from raytune_qvl.track.runs import log_predictions
 from raytune_qvl.track.tracker import (
     TAG_BUDGET_EPOCH,
@@ -44,6 +45,7 @@ class SweepTracking(Callback):
         self.parent_run_id, self.stage, self.describe = parent_run_id, stage, describe
         self.predictions = predictions
         self.runs: dict[str, str] = {}
+        self.pending: dict[str, list[tuple[dict, int]]] = {}  # trial id -> reports not written yet
         self._tracker: Tracker | None = None
 
     def __getstate__(self) -> dict:
@@ -81,12 +83,29 @@ class SweepTracking(Callback):
         self._run_for(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        metrics = {k: v for k, v in result.items() if k not in _TUNE_INTERNAL and not k.startswith("config")}
-        self.tracker.log_metrics(self._run_for(trial), metrics, step=int(result.get("step", 0)))
+        """Reports are written in batches, at each evaluation and at the trial's end: a write per
+        report would keep the driver (and SQLite's one writer) busy on a loaded machine."""
+        pending = self.pending.setdefault(trial.trial_id, [])
+        for row in unpack(result):  # the rows the worker held back, then the report itself
+            metrics = {k: v for k, v in row.items() if k not in _TUNE_INTERNAL and not k.startswith("config")}
+            pending.append((metrics, int(row.get("step", 0))))
+        if any(k.startswith("eval_") for k in result):
+            self._flush(trial)
+
+    def _flush(self, trial: Any) -> None:
+        rows = self.pending.pop(trial.trial_id, [])
+        if rows:
+            self.tracker.log_metric_rows(self._run_for(trial), rows, wait=False)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        for trial in trials:
+            self._flush(trial)
+        self.tracker.flush()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
         run_id = self._run_for(trial)
+        self._flush(trial)
         if last.get("finished"):
             tags = {TAG_STATUS: "completed"}
         else:
@@ -106,6 +125,7 @@ class SweepTracking(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._run_for(trial)
+        self._flush(trial)
         self.tracker.set_tags(run_id, {TAG_STATUS: "failed", TAG_REASON: trial_error(trial)})
         error_file = getattr(trial, "error_file", None)
         if error_file and Path(str(error_file)).is_file():  # the whole traceback, where people look for it

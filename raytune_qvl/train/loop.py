@@ -22,6 +22,7 @@ from typing import Any, Iterator
 from raytune_qvl.config.schema import Config
 from raytune_qvl.config.write import write_configs
 from raytune_qvl.data.encode import IGNORE_INDEX
+from raytune_qvl.reports import HELD_KEY
 from raytune_qvl.train import faults
 from raytune_qvl.train.checkpoint import save_checkpoint, save_trained
 from raytune_qvl.train.engine import WorkerContext, all_reduce_max, all_reduce_sum, barrier, gathered_trainable_state
@@ -158,7 +159,9 @@ def train_window(engine: Any, window: list[dict[str, Any]], tokens: float, world
 def run(s: Session) -> dict[str, Any]:
     """The loop: an optimizer step's micro-batches (token-weighted, see train_window), then log /
     evaluate / checkpoint / report on visible conditions. One all-reduce per optimizer step: the
-    window's token count, with whether the previous step's loss was finite."""
+    window's token count, whether the previous step's loss was finite, and whether rank 0's
+    reporter takes a log-only report now (every rank reports the same steps; a row that is not
+    due is held and sent with the next report, see reports.py)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -175,6 +178,7 @@ def run(s: Session) -> dict[str, Any]:
     injected = faults.Faults(cfg, ctx.rank, ctx.world_size)
     first_step = True
     previous: tuple[int, float, Any] | None = None  # (step, learning rate, loss share) of the step before
+    held: list[dict[str, Any]] = []  # log-only rows not yet reported
 
     if t.eval_on_start and state.global_step == 0 and not s.resumed:
         s.reporter.report({**_progress(s), **_evaluate(s)}, None)
@@ -200,9 +204,10 @@ def run(s: Session) -> dict[str, Any]:
                 continue
             lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
             bad_before = 0.0 if previous is None else (~torch.isfinite(previous[2])).float()
-            tokens, bad = all_reduce_sum([sum(token_count(b) for b in window), bad_before], engine.device)
+            due = float(ctx.is_main and s.reporter.due())
+            tokens, bad, due = all_reduce_sum([sum(token_count(b) for b in window), bad_before, due], engine.device)
             if bad:  # a NaN on any worker stops every worker, naming the step it happened at
-                return _diverged(s, *previous[:2])
+                return _diverged(s, *previous[:2], held)
             log["tokens"] += sum(float(b["attention_mask"].sum()) for b in window)
             share = train_window(engine, window, tokens, ctx.world_size, nan=inject_nan and state.global_step >= 1)
             state.micro_batch += len(window)
@@ -223,7 +228,7 @@ def run(s: Session) -> dict[str, Any]:
             if last:  # the last step's loss is checked here: no window follows it
                 (bad,) = all_reduce_max([(~torch.isfinite(share)).float()], engine.device)
                 if bad:
-                    return _diverged(s, step, lr)
+                    return _diverged(s, step, lr, held)
 
             if step % t.logging_steps == 0 or last:
                 loss_sum, tokens_seen = all_reduce_sum([log["loss"], log["tokens"]], engine.device)
@@ -256,12 +261,17 @@ def run(s: Session) -> dict[str, Any]:
                     metrics[f"best_{metric_name}"] = state.best_metric
                 if last:  # the final adapter is on disk before the report that says the run finished
                     _save_final(s, output_dir / FINAL_DIR, {**last_metrics, **metrics})
+                report = {**metrics, "finished": last}
                 if step % t.save_steps == 0 or last:
+                    report[HELD_KEY], held = held, []
                     with gathered_trainable_state(engine) as trained, _staging(f"checkpoint-{step:06d}") as folder:
                         save_checkpoint(engine, folder, state, rank=ctx.rank, trained=trained)
-                        s.reporter.report({**metrics, "finished": last}, folder)
+                        s.reporter.report(report, folder)
+                elif due or any(k.startswith("eval_") for k in metrics):
+                    report[HELD_KEY], held = held, []
+                    s.reporter.report(report, None)
                 else:
-                    s.reporter.report({**metrics, "finished": last}, None)
+                    held.append(report)
                 last_metrics.update(metrics)
                 log["start"] = time.perf_counter()
             injected.after_report(step)
@@ -270,7 +280,7 @@ def run(s: Session) -> dict[str, Any]:
     return last_metrics
 
 
-def _diverged(s: Session, step: int, lr: float) -> dict[str, Any]:
+def _diverged(s: Session, step: int, lr: float, held: list[dict[str, Any]]) -> dict[str, Any]:
     """Reported, not raised: Ray would retry a worker error from the last checkpoint and diverge
     again; the driver turns this into a failed run. The report carries a marker checkpoint: Ray
     Train's result holds the metrics of the latest checkpoint, and a rerun must not resume into a NaN."""
@@ -279,7 +289,7 @@ def _diverged(s: Session, step: int, lr: float) -> dict[str, Any]:
         folder.mkdir(parents=True)
         if s.ctx.is_main:
             (folder / DIVERGED_FILE).write_text(json.dumps({"step": step, "message": message}))
-        s.reporter.report({**_progress(s), "diverged": message, "finished": True}, folder)
+        s.reporter.report({**_progress(s), "diverged": message, "finished": True, HELD_KEY: held}, folder)
     return {"diverged": message}
 
 

@@ -178,9 +178,12 @@ def config_changes(before: dict[str, Any] | None, now: dict[str, Any]) -> list[s
     return changed
 
 
-def make_output(cfg: Config, *, overwrite: bool) -> None:
-    """The output folder, emptied of a previous run's results with --overwrite."""
+def make_output(cfg: Config, *, overwrite: bool, resume: str | None = None) -> None:
+    """The output folder, emptied of a previous run's results with --overwrite. A folder without
+    a run record starts a new run: Ray checkpoints left under its run name (its folder was
+    deleted) are not resumed, unless --resume names a checkpoint."""
     out = Path(cfg.output.dir)
+    fresh = overwrite or (resume is None and not (out / RUN_FILE).exists())
     if overwrite:
         for name in (FINAL_DIR, BEST_DIR, "checkpoints", RUN_FILE, ".faults"):
             target = out / name
@@ -188,6 +191,6 @@ def make_output(cfg: Config, *, overwrite: bool) -> None:
                 shutil.rmtree(target, ignore_errors=True)
             else:
                 target.unlink(missing_ok=True)
-        if "://" not in cfg.ray.storage_path:
-            shutil.rmtree(Path(cfg.ray.storage_path) / ray_run_name(cfg), ignore_errors=True)
+    if fresh and "://" not in cfg.ray.storage_path:
+        shutil.rmtree(Path(cfg.ray.storage_path) / ray_run_name(cfg), ignore_errors=True)
     make_dir(out, cfg.paths.training or "config", "output.dir")

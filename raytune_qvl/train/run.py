@@ -16,6 +16,7 @@ from typing import Any, Callable
 from raytune_qvl.config.schema import Config
 from raytune_qvl.config.uris import default_tracking_uri
 from raytune_qvl.errors import ConfigError, Problem, UserError, worker_error
+from raytune_qvl.reports import unpack
 from raytune_qvl.train.outputs import (
     BEST_DIR,
     FINAL_DIR,
@@ -106,10 +107,10 @@ def run_training(
         check_server(uri)  # before any data work or worker
     pre = preflight(cfg)
     print(pre.plan.format(), file=sys.stderr)
-    for split in (pre.train, pre.eval):
+    for split in (pre.train, pre.eval, pre.test):
         if split is not None and split.audit.kept < split.audit.total:
             log.warning("%s", split.audit.summary())
-    make_output(cfg, overwrite=overwrite)
+    make_output(cfg, overwrite=overwrite, resume=resume)
 
     tracker, run_id = None, None
     if uri:
@@ -124,11 +125,12 @@ def run_training(
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
 
-    def on_metrics(m: dict[str, Any]) -> None:
-        history.append(m)
-        print(format_progress(m, started), file=sys.stderr, flush=True)
-        if tracker is not None:
-            tracker.log_metrics(run_id, m, step=int(m.get("step", 0)))
+    def on_metrics(report: dict[str, Any]) -> None:
+        for m in unpack(report):  # the rows a worker held back come first
+            history.append(m)
+            print(format_progress(m, started), file=sys.stderr, flush=True)
+            if tracker is not None:
+                tracker.log_metrics(run_id, m, step=int(m.get("step", 0)))
 
     def fit() -> dict[str, Any]:
         metrics = (
@@ -190,7 +192,7 @@ def _fit_ray(cfg: Config, resume: str | None, on_metrics: Callable, started_at: 
                 item = progress.get(timeout=0.5)
             except Empty:
                 continue
-            last = item
+            last = unpack(item)[-1]
             on_metrics(item)
         thread.join()
         if "error" in outcome:

@@ -27,6 +27,11 @@ class Reporter(Protocol):
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None: ...
 
+    def due(self) -> bool:
+        """Whether a log-only report would go out now without the worker waiting for it
+        (asked on rank 0; the loop holds the row back otherwise, see reports.py)."""
+        ...
+
     def resume_checkpoint(self) -> Path | None: ...
 
 
@@ -50,6 +55,9 @@ class LocalReporter:
             prune_local_checkpoints(self.root, self.keep)
         if self.on_metrics is not None:
             self.on_metrics(metrics)
+
+    def due(self) -> bool:
+        return True  # a callback in this process: nothing to wait on
 
     def resume_checkpoint(self) -> Path | None:
         if self.resume_from:
@@ -159,6 +167,11 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
             shuffle=cfg.data.preprocessing.shuffle,
         ),
         generation=GenerationEval.create(cfg, eval_split, processor, ctx) if eval_split is not None else None,
+        test=(
+            (TrainDataset(test_split.items, processor), GenerationEval.create(cfg, test_split, processor, ctx))
+            if test_split is not None
+            else None
+        ),
         state=state,
         resumed=resume is not None,
         start_step=state.global_step,

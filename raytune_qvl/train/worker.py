@@ -4,7 +4,9 @@ through `ray.train.report`, and resumes from `ray.train.get_checkpoint()`."""
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +40,28 @@ def quiet_worker(rank: int, verbose: bool = True) -> None:
         pass
 
 
+def report_interval() -> float:
+    """Seconds between the Train controller's polls of a worker: it takes one report per poll,
+    and a worker's next report waits for the previous one to be taken."""
+    from ray.train.v2._internal.constants import DEFAULT_HEALTH_CHECK_INTERVAL_S, HEALTH_CHECK_INTERVAL_S_ENV_VAR
+
+    return float(os.environ.get(HEALTH_CHECK_INTERVAL_S_ENV_VAR, DEFAULT_HEALTH_CHECK_INTERVAL_S))
+
+
 class RayReporter:
     def __init__(self, explicit_resume: str | None):
         self.explicit_resume = explicit_resume
         self._download: Path | None = None
+        self._interval = report_interval()
+        self._last = float("-inf")
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last >= self._interval
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
         import ray.train
 
+        self._last = time.monotonic()
         if checkpoint is None:
             ray.train.report(metrics)
         else:
