@@ -1,6 +1,7 @@
 """The reference the loop is measured against: a plain PyTorch + peft training loop, no
 DeepSpeed, no Ray — the same tiny model, data, batch, optimizer (AdamW) and dtype as the tiny
-config (bf16 weights, adapters included, as DeepSpeed's bf16 mode trains them).
+config (fp32 on CPU; with environment.bf16, bf16 weights, adapters included, as DeepSpeed's bf16
+mode trains them).
 Prints one JSON line: {"samples_per_second": ..., "steps": ...}.
 
 Run as: python -m bench.plain_loop [--steps 60] [--warmup 10]
@@ -24,7 +25,7 @@ def main() -> None:
     parser.add_argument(
         "--fp32-adapters",
         action="store_true",
-        help="keep peft's default (fp32 adapters over the bf16 base) instead of the engine's all-bf16 module",
+        help="with environment.bf16: peft's default (fp32 adapters over a bf16 base), not the engine's all-bf16 module",
     )
     args = parser.parse_args()
     runtime.quiet_libraries()
@@ -39,14 +40,12 @@ def main() -> None:
     from raytune_qvl.data.processor import load_processor
     from raytune_qvl.train.model import load_model
 
-    cfg = load_config(
-        args.config, args.lora_config, "configs/ds_config_zero2.json", ["ray.num_workers=1", "lora.lora_dropout=0.05"]
-    )
+    cfg = load_config(args.config, args.lora_config, None, ["ray.num_workers=1", "lora.lora_dropout=0.05"])
     torch.manual_seed(cfg.environment.seed)
     processor = load_processor(cfg)
     items = load_or_prepare(cfg, processor, "train").items
     model = apply_lora(load_model(cfg), cfg.lora)
-    if not args.fp32_adapters:
+    if cfg.environment.bf16 and not args.fp32_adapters:
         model = model.to(torch.bfloat16)  # what DeepSpeed's bf16 mode trains: every weight in bf16
     model.train()
     t = cfg.training

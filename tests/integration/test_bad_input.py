@@ -49,7 +49,7 @@ def _space(tmp: Path, **changes) -> list[str]:
 def _data(tmp: Path, lines: list[str] | bytes, *extra: str, name: str = "train.jsonl") -> list[str]:
     folder = tmp / "data"
     folder.mkdir(exist_ok=True)
-    src = ROOT / ".assets" / "data" / "ocr_doc" / "images" / "train_00000.png"
+    src = ROOT / ".assets" / "data" / "forms" / "images" / "train_00000.png"
     shutil.copy(src, folder / "ok.png")
     path = folder / name
     path.write_bytes(lines if isinstance(lines, bytes) else ("\n".join(lines) + "\n").encode())

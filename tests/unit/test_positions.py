@@ -81,6 +81,7 @@ def _random_model(processor, shapes: dict | None = None):
     if shapes:
         text.update(shapes["text"])
         vision.update(shapes["vision"])
+        text.pop("layer_types", None)  # the tiny base's per-layer list; derived again from num_hidden_layers
     text["vocab_size"] = len(processor.tokenizer)
     torch.manual_seed(0)
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
