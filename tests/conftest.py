@@ -135,8 +135,8 @@ def copy_data(src: Path, dst: Path) -> Path:
 
 def tiny_space(folder: Path, name: str = "tiny_cpu", config_overrides: dict | None = None, **changes) -> Path:
     """search_spaces/tiny_cpu.yaml as folder/<name>.yaml, named `name`: base configs absolute,
-    Ray storage, sweeps and MLflow store under `folder`, then `changes` to its top-level keys and
-    `config_overrides` added to its `overrides`."""
+    Ray storage, sweeps and MLflow store under `folder`, no confirmation runs, then `changes` to
+    its top-level keys and `config_overrides` added to its `overrides`."""
     import yaml
 
     raw = yaml.safe_load((ROOT / "search_spaces" / "tiny_cpu.yaml").read_text())
@@ -146,6 +146,7 @@ def tiny_space(folder: Path, name: str = "tiny_cpu", config_overrides: dict | No
         storage_path=str(folder / "ray"),
         output_dir=str(folder / "sweeps"),
         mlflow={"tracking_uri": f"sqlite:///{folder / 'mlflow.db'}"},
+        confirm={"top_k": 0, "seeds": 0},
     )
     raw.update(changes)
     raw["overrides"].update(config_overrides or {})

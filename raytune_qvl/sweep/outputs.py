@@ -18,7 +18,16 @@ from raytune_qvl.sweep.space import EPOCHS_KEY, LR_KEY, RANK_KEY
 from raytune_qvl.sweep.trial import train_storage, trial_dir
 from raytune_qvl.train.outputs import BEST_DIR, FINAL_DIR
 
-__all__ = ["ranked", "write_best", "prune_checkpoints", "top_table", "reading_sample"]
+__all__ = [
+    "ranked",
+    "write_best",
+    "prune_checkpoints",
+    "top_table",
+    "confirmation_table",
+    "mean_std",
+    "boundary_advice",
+    "reading_sample",
+]
 
 log = logging.getLogger("raytune_qvl")
 
@@ -36,10 +45,12 @@ def ranked(sweep: Sweep) -> list[TrialRecord]:
     return rank(sweep.state.trained(), sweep.space.mode)
 
 
-def prune_checkpoints(sweep: Sweep) -> None:
+def prune_checkpoints(sweep: Sweep, keep: list[str] = ()) -> None:
     """Sweeps must not fill the disk: engine checkpoints of finished trials go (they only
-    serve restarts), and adapters stay for the best `keep_best_adapters` trials only."""
-    keep = {r.trial_id for r in ranked(sweep)[: max(1, sweep.space.keep_best_adapters)]}  # best/ copies the best one's
+    serve restarts), and adapters stay for the best `keep_best_adapters` trials only (and the
+    trials in `keep`: the confirmed configs, one of which best/ copies)."""
+    best = ranked(sweep)[: max(1, sweep.space.keep_best_adapters)]
+    keep = {r.trial_id for r in best} | set(keep)
     storage = train_storage(sweep.space)
     for rec in sweep.state.trained():
         if "://" not in storage:
@@ -131,3 +142,53 @@ def reading_sample(predictions: Path, rows: int = 5) -> str:
     lines = [f"  how the best adapter reads (step {data.get('step')}, reference | prediction):"]
     lines += [f"    {r['reference']:<{width}} | {r['prediction']}" for r in shown]
     return "\n".join(lines)
+
+
+def mean_std(mean: float, std: float, n: int) -> str:
+    """A mean with its spread; one run has no spread to show."""
+    return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
+
+
+def confirmation_table(space: Any, confirmations: list[Any]) -> str:
+    """Each confirmed config: its mean and spread over the search run and the confirmation runs,
+    and its test score; the winner (the best mean) first."""
+    from raytune_qvl.sweep.confirm import test_metric
+
+    metric, test = space.metric, test_metric(space.metric)
+    keys = [k for k in _TABLE_KEYS if any(k in c.overrides for c in confirmations)]
+    shown = "  ".join(f"{_TABLE_KEYS[k]:>8}" for k in keys)
+    more = len(confirmations[0].values) - 1
+    lines = [
+        "",
+        f"confirmed (the search's run and {more} more seed{'' if more == 1 else 's'} each; the winner by the mean):",
+        f"{'#':>2}  {'trial':<22} {metric + ' mean ± std':>22} {'n':>3}  {test + ' mean ± std':>22} {'n':>3}  {shown}",
+    ]
+    for i, c in enumerate(confirmations, start=1):
+        held_out = mean_std(c.test_mean, c.test_std, len(c.tests)) if c.test_mean is not None else "—"
+        values = "  ".join(_cell(c.overrides.get(k, "")) for k in keys)
+        row = f"{i:>2}  {c.trial_id:<22} {mean_std(c.mean, c.std, len(c.values)):>22} {len(c.values):>3}"
+        lines.append(f"{row}  {held_out:>22} {len(c.tests):>3}  {values}")
+    return "\n".join(lines)
+
+
+def boundary_advice(space: Any, best: TrialRecord) -> list[str]:
+    """A winner at the edge of a searched range may be better still outside it: one line per such
+    parameter, with the range to try next."""
+    from raytune_qvl.sweep.space import LR_FACTOR
+
+    lines = []
+    for key, domain in space.parameters.items():
+        value = best.point.get(key)
+        if value is None or key == LR_FACTOR or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        ends = [v for v in domain.extremes() if isinstance(v, int | float)]
+        if len(ends) < 2:
+            continue
+        low, high = min(ends), max(ends)
+        if value >= high:
+            further = high * 2 if isinstance(high, float) or key != "training.num_epochs" else high + 2
+            lines.append(f"{key} {value:g} is the top of its range [{low:g}, {high:g}]: try up to {further:g}")
+        elif value <= low:
+            further = low / 2 if isinstance(low, float) else max(1, low // 2)
+            lines.append(f"{key} {value:g} is the bottom of its range [{low:g}, {high:g}]: try down to {further:g}")
+    return lines

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, Mapping
 
 from raytune_qvl.config import batch_math
 from raytune_qvl.config.plan import count_records
 from raytune_qvl.config.schema import Config
 from raytune_qvl.errors import ConfigError, Problem
 from raytune_qvl.sweep.points import starting_batch, starting_point
-from raytune_qvl.sweep.space import EFFECTIVE_BATCH, LR_KEY, SearchSpace, grid, stages
+from raytune_qvl.sweep.points import PointResolver
+from raytune_qvl.sweep.records import point_key
+from raytune_qvl.sweep.space import EFFECTIVE_BATCH, EPOCHS_KEY, LR_KEY, SearchSpace, Stage, grid, stages
 
-__all__ = ["concurrency_for", "dry_run", "local_gpus"]
+__all__ = ["concurrency_for", "dry_run", "local_gpus", "sampler_for", "early_stopping"]
 
 
 def concurrency_for(space: SearchSpace, cpus: float, gpus: float, *, trial_cpu: float = 0.0) -> int:
@@ -66,7 +68,16 @@ def dry_run(space: SearchSpace, base: Config) -> str:
         finite = grid(stage.params)
         cap = f" (at most {len(finite)} distinct)" if finite is not None else ""
         lines.append(f"  {stage.label}: {stage.trials} trials{cap}: {domains}")
+        lines.append(f"    searched by {_sampler_text(space, base, stage, start)}" + (
+            "" if early_stopping(space, stage) else "; no early stopping (whole schedules compared)"
+        ))  # fmt: skip
         total += stage.trials if finite is None else min(stage.trials, len(finite))
+    if space.confirm.top_k and space.confirm.seeds:
+        c = space.confirm
+        lines.append(
+            f"  confirm: the top {c.top_k} configs {c.seeds} more times each with other seeds "
+            f"({c.top_k * c.seeds} runs): the winner by the mean, its test-split score the result"
+        )
     lines.append(
         f"  trials in all: up to {total}; ASHA on {space.asha.time_attr}, "
         f"grace {space.asha.grace_period:g}, reduction {space.asha.reduction_factor:g}"
@@ -98,6 +109,21 @@ def dry_run(space: SearchSpace, base: Config) -> str:
     return "\n".join(lines)
 
 
+def _sampler_text(space: SearchSpace, base: Config, stage: Stage, start: dict[str, Any]) -> str:
+    """What will search the stage, assuming a later stage's incumbent is still the starting point."""
+    held = {k: v for k, v in start.items() if k not in stage.params}
+    resolver = PointResolver(
+        space.model_dump(mode="json"), base.model_dump(mode="json"), held, start.get(EFFECTIVE_BATCH)
+    )
+    known = {}
+    if stage.index > 1 and all(k in start for k in stage.params):
+        known = {point_key(resolver.overrides({k: start[k] for k in stage.params})): None}
+    name, startup = sampler_for(space, stage, resolver, known)
+    return {"grid": "every untried choice (grid)", "random": "random search"}.get(
+        name, f"TPE ({startup} at random first, then modelled)"
+    )
+
+
 def domain_text(d: Any) -> str:
     if d.choices is not None:
         return "{" + ", ".join(f"{c:g}" if isinstance(c, float) else str(c) for c in d.choices) + "}"
@@ -112,3 +138,27 @@ def local_gpus() -> int:
         return torch.cuda.device_count()
     except ImportError:
         return 0
+
+
+def sampler_for(
+    space: SearchSpace, stage: Stage, resolver: PointResolver, known: Mapping[tuple, float | None]
+) -> tuple[str, int]:
+    """What really searches a stage: `random` for the random baseline; `grid` (every untried
+    choice) when the stage's domain is finite and its untried points fit the trial budget; else TPE
+    with a start-up of a third of the trials (at 2-5 trials, 1 random point before it models).
+    Returns (name, TPE start-up trials)."""
+    if space.strategy == "random":
+        return "random", 0
+    points = grid(stage.params)
+    if points is not None:
+        untried = [p for p in points if point_key(resolver.overrides(p)) not in known]
+        if len(untried) <= stage.trials:
+            return "grid", 0
+    return "tpe", max(1, stage.trials // 3)
+
+
+def early_stopping(space: SearchSpace, stage: Stage) -> bool:
+    """Whether ASHA stops a stage's poor trials early. Not in the epochs stage of a staged sweep:
+    at any rung a longer cosine schedule is still at a high learning rate while a shorter one has
+    decayed, so ASHA would stop the long schedules for being mid-way, not for being worse."""
+    return space.asha.enabled and not (space.strategy == "staged" and EPOCHS_KEY in stage.params)

@@ -65,11 +65,21 @@ def trial_config(
     eval_steps: int,
     *,
     eval_on_start: bool = False,
+    confirm: Mapping[str, Any] | None = None,
 ) -> Config:
     """The full config of one trial, re-validated by the schema (the values a parameter can
     take were checked against the whole config when the search space was loaded).
-    `eval_on_start`: evaluate the model before any training (the sweep's starting point)."""
-    overrides = point_overrides(space, base, point, lr_batch)
+    `eval_on_start`: evaluate the model before any training (the sweep's starting point).
+    `confirm`: a confirmation run instead, {"overrides": the trial's config overrides, "seed": k}:
+    the same config with its seeds moved by k, scored on the held-out test split at its end (a
+    search trial never reads the test split)."""
+    if confirm is None:
+        overrides = point_overrides(space, base, point, lr_batch)
+        overrides["data.test_path"] = None
+    else:
+        overrides = dict(confirm["overrides"])
+        overrides["environment.seed"] = base.environment.seed + int(confirm["seed"])
+        overrides["data.preprocessing.seed"] = base.data.preprocessing.seed + int(confirm["seed"])
     overrides.update(
         {
             "output.dir": trial_dir,

@@ -23,17 +23,42 @@ _SHOWN = {
 }
 
 
-class _DropTrialTaskFailures(logging.Filter):
+class _Drop(logging.Filter):
+    """Drops the records whose message starts with one of `prefixes` (known noise, by message)."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Trial task failed for trial")
+        return not record.getMessage().startswith(self.prefixes)
+
+
+# logger -> the messages of it that a sweep's terminal does without
+_NOISE = {
+    # a failed trial's whole traceback: SweepProgress prints its reason in one line; the traceback
+    # stays in the trial's error file and its MLflow run
+    "ray.tune.execution.tune_controller": ("Trial task failed for trial",),
+    # Optuna's brute-force (grid) sampler stops its study when every point is tried: that is the plan
+    "ray.tune.search.optuna.optuna_search": ("`Study.stop` is supposed to be invoked",),
+}
 
 
 def quiet_trial_errors() -> None:
-    """Tune logs a failed trial's whole traceback on the driver; SweepProgress prints its reason in
-    one line instead (the traceback stays in the trial's error file and MLflow run)."""
-    logger = logging.getLogger("ray.tune.execution.tune_controller")
-    if not any(isinstance(f, _DropTrialTaskFailures) for f in logger.filters):
-        logger.addFilter(_DropTrialTaskFailures())
+    """Known noise of Tune and Optuna out of the sweep's terminal, by message (never whole levels)."""
+    import warnings
+
+    for name, prefixes in _NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Drop) for f in logger.filters):
+            logger.addFilter(_Drop(*prefixes))
+    warnings.filterwarnings("ignore", message="BruteForceSampler is experimental")
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study created
+    except ImportError:
+        pass
 
 
 class SweepProgress(Callback):

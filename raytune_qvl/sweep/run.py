@@ -21,7 +21,16 @@ from raytune_qvl.config.schema import Config
 from raytune_qvl.config.uris import default_tracking_uri, redact
 from raytune_qvl.errors import ConfigError, Problem, UserError
 from raytune_qvl.sweep.context import Sweep
-from raytune_qvl.sweep.outputs import prune_checkpoints, ranked, reading_sample, top_table, write_best
+from raytune_qvl.sweep.outputs import (
+    boundary_advice,
+    confirmation_table,
+    mean_std,
+    prune_checkpoints,
+    ranked,
+    reading_sample,
+    top_table,
+    write_best,
+)
 from raytune_qvl.sweep.plan import concurrency_for, local_gpus
 from raytune_qvl.sweep.points import starting_batch, starting_point
 from raytune_qvl.sweep.records import TrialRecord, best_record, resolved_point
@@ -87,7 +96,8 @@ def run_sweep(space: SearchSpace, base: Config, *, resume: bool = False, overwri
     sweep = Sweep(space, base, pre, state, tracker, parent, resume=resume)
 
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # log-step reports carry no eval metric
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    # Tune's own progress output (tables, experiment boxes) off: SweepProgress prints the sweep's
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     r = space.resources
     joining = bool(base.ray.address or os.environ.get("RAY_ADDRESS"))
     # a local cluster is sized for the trials its cores hold; a joined one is what it is
@@ -110,6 +120,7 @@ def run_sweep(space: SearchSpace, base: Config, *, resume: bool = False, overwri
                     sweep.concurrency = planned
                 log.info("sweep %s: %d trial(s) at a time", space.name, sweep.concurrency)
                 _run_stages(sweep)
+                _confirm(sweep)
             best = _finish(sweep, finished_tags)
     except KeyboardInterrupt:
         hint = f"sweep interrupted; continue it with: python -m raytune_qvl.sweep {space.source} --resume"
@@ -193,7 +204,7 @@ def _run_stages(sweep: Sweep) -> None:
         sweep.save_state()
         if outcome.interrupted:
             raise KeyboardInterrupt
-        best = best_record(outcome.records + ([incumbent] if incumbent else []), space.mode)
+        best = best_record(([incumbent] if incumbent else []) + outcome.records, space.mode)  # a tie keeps it
         if best is None:
             rule = "no trial ran its full budget (failed, or stopped by ASHA); see the runs' raytune_qvl.reason"
             raise UserError([f"{stage.label}: {rule} in MLflow"])
@@ -217,6 +228,30 @@ def _run_stages(sweep: Sweep) -> None:
         print(f"=== {stage.label}: {found} ({_fmt_point(best_point)})", flush=True)
 
 
+def _confirm(sweep: Sweep) -> None:
+    """The top configs again with other seeds (confirm.py), unless done or switched off."""
+    from raytune_qvl.sweep.confirm import CONFIRM_STAGE, run_confirmation
+
+    space, state = sweep.space, sweep.state
+    done = state.stages.get(CONFIRM_STAGE, {})
+    if not (space.confirm.top_k and space.confirm.seeds) or done.get("status") == "done":
+        return
+    runs = min(space.confirm.top_k, len(ranked(sweep))) * space.confirm.seeds
+    top, seeds = space.confirm.top_k, space.confirm.seeds
+    print(f"\n=== {CONFIRM_STAGE}: the top {top} configs, {_count(seeds, 'more seed')} each ({runs} runs)", flush=True)
+    restore = sweep.resume and done.get("status") == "running"
+    state.stages[CONFIRM_STAGE] = {"status": "running"}
+    sweep.save_state()
+    records = run_confirmation(sweep, restore=restore)
+    state.set_stage_records(CONFIRM_STAGE, records)
+    state.stages[CONFIRM_STAGE] = {"status": "done"}
+    sweep.save_state()
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _fmt_point(point: dict[str, Any], float_format: str = ".3g") -> str:
     return ", ".join(f"{k}={v:{float_format}}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
 
@@ -228,21 +263,38 @@ def _finish(sweep: Sweep, finished_tags: dict[str, Any]) -> dict[str, Any]:
     from raytune_qvl.track.tracker import TAG_BEST_TRIAL
     from raytune_qvl.track.ui import UI_ADDRESS, compare_url, sweep_trials
 
+    from raytune_qvl.sweep.confirm import confirmed, test_metric
+
     space = sweep.space
     records = ranked(sweep)
     if not records:
         raise UserError(["no trial ran its full budget; see the child runs' raytune_qvl.reason in MLflow"])
-    best = records[0]
+    confirmations = confirmed(sweep) if sweep.state.stages.get("confirm", {}).get("status") == "done" else []
+    # the winner: the best mean of the confirmed configs, else the best single run
+    best = next(r for r in records if r.trial_id == confirmations[0].trial_id) if confirmations else records[0]
     best_dir = write_best(sweep, best)
-    prune_checkpoints(sweep)
+    prune_checkpoints(sweep, keep=[c.trial_id for c in confirmations])
     counts = sweep.state.counts()
     predictions = Path(trial_dir(str(sweep.dir), best.trial_id)) / "best" / PREDICTIONS_FILE
-    log_sweep_result(sweep.tracker, sweep.parent, space, sweep.state, best, best_dir, predictions, counts)
+    advice = boundary_advice(space, best)
+    log_sweep_result(
+        sweep.tracker, sweep.parent, space, sweep.state, best, best_dir, predictions, counts, confirmations, advice
+    )
     finished_tags[TAG_BEST_TRIAL] = best.trial_id
     print(top_table(sweep, records, counts))
+    if confirmations:
+        print(confirmation_table(space, confirmations))
     print(f"\nbest {space.metric} {best.value:.4f}: trial {best.trial_id} ({best.stage})")
     if sweep.state.baseline is not None:
         print(f"  before fine-tuning (the base model, step 0): {space.metric} {sweep.state.baseline['value']:.4f}")
+    if confirmations and confirmations[0].test_mean is not None:
+        c = confirmations[0]
+        print(
+            f"  the sweep's result, on the held-out test split: {test_metric(space.metric)} "
+            f"{mean_std(c.test_mean, c.test_std, len(c.tests))} ({_count(len(c.tests), 'run')} with other seeds)"
+        )
+    for line in advice:
+        print(f"  advice: {line}")
     print(reading_sample(predictions))
     print(f"  configs: {best_dir}")
     print(f"  reproduce: {(best_dir / 'command.txt').read_text().strip()}")

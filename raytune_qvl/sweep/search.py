@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from ray.tune.search import Searcher
 
 from raytune_qvl.config.schema import Config
+from raytune_qvl.sweep.plan import early_stopping, sampler_for
 from raytune_qvl.sweep.points import PointResolver, starting_batch
 from raytune_qvl.sweep.records import point_key
 from raytune_qvl.sweep.space import (
@@ -180,23 +181,6 @@ def make_searcher(
     return UniqueSearch(inner, resolver, stage.params, dict(known), seed=seed, sampler=name, startup=startup)
 
 
-def sampler_for(
-    space: SearchSpace, stage: Stage, resolver: PointResolver, known: Mapping[tuple, float | None]
-) -> tuple[str, int]:
-    """What really searches a stage: `random` for the random baseline; `grid` (every untried
-    choice) when the stage's domain is finite and its untried points fit the trial budget; else TPE
-    with a start-up of a third of the trials (at 2-5 trials, 1 random point before it models).
-    Returns (name, TPE start-up trials)."""
-    if space.strategy == "random":
-        return "random", 0
-    points = grid(stage.params)
-    if points is not None:
-        untried = [p for p in points if point_key(resolver.overrides(p)) not in known]
-        if len(untried) <= stage.trials:
-            return "grid", 0
-    return "tpe", max(1, stage.trials // 3)
-
-
 def max_budget(space: SearchSpace, base: Config, stage: Stage, fixed: dict[str, Any], num_samples: int) -> float:
     """The longest trial of the stage in ASHA's time unit: asha.max_t when set, else epochs, or the
     samples the longest trial really trains (an epoch trains whole effective batches: floor(N / B) x B)."""
@@ -215,14 +199,12 @@ def max_budget(space: SearchSpace, base: Config, stage: Stage, fixed: dict[str, 
 
 
 def make_scheduler(space: SearchSpace, stage: Stage, max_t: float) -> Any:
-    """ASHA with the file's settings; FIFO (every trial to its end) when ASHA is off, when the stage's
-    longest trial is not longer than the grace period, and for the epochs stage of a staged sweep:
-    at any rung a longer cosine schedule is still at a high learning rate while a shorter one has
-    decayed, so ASHA would stop the long schedules for being mid-way, not for being worse."""
+    """ASHA with the file's settings where the plan stops early (plan.early_stopping), else FIFO
+    (every trial to its end), also when the stage's longest trial is not past the grace period."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     a = space.asha
-    if not a.enabled or max_t <= a.grace_period or (space.strategy == "staged" and EPOCHS_KEY in stage.params):
+    if not early_stopping(space, stage) or max_t <= a.grace_period:
         return FIFOScheduler()
     return ASHAScheduler(
         time_attr=a.time_attr,

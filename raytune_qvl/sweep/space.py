@@ -25,7 +25,9 @@ __all__ = [
     "RANK_KEY",
     "EPOCHS_KEY",
     "SAMPLER_KEY",
+    "CONFIRM_KEY",
     "Domain",
+    "Confirm",
     "SearchSpace",
     "Stage",
     "stages",
@@ -39,6 +41,7 @@ LR_KEY = "training.learning_rate"
 RANK_KEY = "lora.r"
 EPOCHS_KEY = "training.num_epochs"
 SAMPLER_KEY = "sampler"  # in a suggestion: what made it (grid, random, TPE); not a parameter
+CONFIRM_KEY = "confirm"  # in a confirmation run's config: {of, overrides, seed}; not a parameter
 
 
 class _Strict(BaseModel):
@@ -99,6 +102,14 @@ class Resources(_Strict):
     max_concurrent_trials: int | None = Field(None, ge=1)  # None: from the cluster's resources
 
 
+class Confirm(_Strict):
+    """The top configs trained again with other seeds: the winner is chosen by the mean, and its
+    score on the held-out test split (data.test_path) is the sweep's reported result."""
+
+    top_k: int = Field(3, ge=0)  # configs confirmed (0: none)
+    seeds: int = Field(2, ge=0)  # extra runs of each, with environment.seed (and the data order) moved
+
+
 class Mlflow(_Strict):
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str | None = None  # None: raytune_qvl-<name>
@@ -124,6 +135,7 @@ class SearchSpace(_Strict):
     shared_storage: bool = False  # storage_path is a filesystem every node mounts (checked at start)
     output_dir: str = "./outputs/sweeps"  # <output_dir>/<name>: trials, best/, sweep state
     keep_best_adapters: int = Field(3, ge=0)
+    confirm: Confirm = Confirm()
     seed: int = 42
     source: str = Field("", exclude=True)  # the file it came from (set by the loader)
 

@@ -16,7 +16,7 @@ from raytune_qvl.sweep.search import make_scheduler, make_searcher, max_budget
 from raytune_qvl.sweep.space import SAMPLER_KEY, Stage, grid
 from raytune_qvl.sweep.trial import run_trial, trial_dir
 
-__all__ = ["run_stage"]
+__all__ = ["run_stage", "InterruptWatch", "unfinished"]
 
 
 def run_stage(
@@ -76,7 +76,7 @@ def run_stage(
         progress = SweepProgress(stage.label, space.metric, resolver.overrides)
         tuner = _tuner(trainable, stage, sweep, searcher, scheduler, [tracking, progress])
 
-    watch = _InterruptWatch()
+    watch = InterruptWatch()
     results = watch.run(tuner.fit)
     records = _records(stage, results, resolver, space.metric)
     # points of this stage's space trained in an earlier stage count as its candidates without
@@ -90,7 +90,7 @@ def run_stage(
             skip.add(key)
             point = resolver.point(sampled)
             records.append(TrialRecord(trial_id, stage.label, dict(sampled), overrides, value, "reused", point=point))
-    return StageOutcome(stage.label, records, interrupted=watch.interrupted or _unfinished(results))
+    return StageOutcome(stage.label, records, interrupted=watch.interrupted or unfinished(results))
 
 
 def _tuner(trainable: Any, stage: Stage, sweep: Sweep, searcher: Any, scheduler: Any, callbacks: list[Any]) -> Any:
@@ -117,7 +117,7 @@ def _tuner(trainable: Any, stage: Stage, sweep: Sweep, searcher: Any, scheduler:
     )
 
 
-class _InterruptWatch:
+class InterruptWatch:
     """Tune catches Ctrl-C itself, saves the experiment and returns normally; its handler
     restores the one it replaced, which is how we learn the stage was interrupted."""
 
@@ -139,7 +139,7 @@ class _InterruptWatch:
             signal.signal(signal.SIGINT, previous)
 
 
-def _unfinished(results: Any) -> bool:
+def unfinished(results: Any) -> bool:
     trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None) or []
     return any(t.status not in ("TERMINATED", "ERROR") for t in trials)
 

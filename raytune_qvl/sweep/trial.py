@@ -56,14 +56,19 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     from raytune_qvl.config.schema import Config
     from raytune_qvl.errors import worker_error
     from raytune_qvl.sweep.points import eval_steps_for, starting_batch, trial_config
-    from raytune_qvl.sweep.space import EFFECTIVE_BATCH, SAMPLER_KEY, SearchSpace
+    from raytune_qvl.sweep.space import CONFIRM_KEY, EFFECTIVE_BATCH, SAMPLER_KEY, SearchSpace
     from raytune_qvl.train.trainer import build_trainer
 
     space = SearchSpace.model_validate(context["space"])
     base = Config.model_validate(context["base"])
-    point = {**context["fixed"], **{k: v for k, v in config.items() if k != SAMPLER_KEY}}
+    confirm = config.get(CONFIRM_KEY)  # a confirmation run of a trained config (confirm.py)
+    point = {**context["fixed"], **{k: v for k, v in config.items() if k not in (SAMPLER_KEY, CONFIRM_KEY)}}
     trial_id = tune.get_context().get_trial_id()
     batch = int(point.get(EFFECTIVE_BATCH, starting_batch(base, space)))
+    if confirm is not None:  # the confirmed config's own effective batch
+        t = base.training
+        accum = int(confirm["overrides"].get("training.gradient_accumulation_steps", t.gradient_accumulation_steps))
+        batch = t.per_device_train_batch_size * space.resources.workers_per_trial * accum
     cfg = trial_config(
         space,
         base,
@@ -72,6 +77,7 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         trial_dir(str(Path(context["sweep_dir"])), trial_id),
         eval_steps_for(space, context["num_samples"], batch),
         eval_on_start=context.get("eval_on_start", False),
+        confirm=confirm,
     )
     for attempt in (1, 2):
         trainer = build_trainer(

@@ -9,11 +9,11 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from raytune_qvl.config.overrides import flatten
 from raytune_qvl.config.write import write_configs
-from raytune_qvl.track.tracker import TAG_KIND, TAG_STRATEGY, Tracker
+from raytune_qvl.track.tracker import TAG_BOUNDARY, TAG_KIND, TAG_STRATEGY, Tracker
 from raytune_qvl.track.views import label_mask_html, predictions_html
 
 __all__ = [
@@ -153,9 +153,12 @@ def log_sweep_result(
     best_dir: Path,
     predictions: Path,
     counts: dict[str, int],
+    confirmations: Sequence[Any] = (),
+    advice: Sequence[str] = (),
 ) -> None:
-    """The sweep's best (value, params, best/ folder, predictions), the trial counts, the summary
-    and the pictures. `state`: the SweepState; `best`: the best TrialRecord."""
+    """The sweep's best (value, params, best/ folder, predictions), the trial counts, the
+    confirmation (mean ± std, and the test score: the sweep's result), boundary advice, the summary
+    and the pictures. `state`: the SweepState; `best`: the winning TrialRecord."""
     from raytune_qvl.track.plots import log_sweep_plots
 
     metrics = {
@@ -164,6 +167,18 @@ def log_sweep_result(
         "trials_stopped": counts["stopped"],
         "trials_failed": counts["failed"],
     }
+    if confirmations:
+        winner, held_out = confirmations[0], "test_" + space.metric.removeprefix("eval_")
+        metrics |= {f"best_{space.metric}_mean": winner.mean, f"best_{space.metric}_std": winner.std}
+        if winner.test_mean is not None:
+            metrics |= {f"{held_out}_mean": winner.test_mean, f"{held_out}_std": winner.test_std}
+        rows = [
+            {"trial": c.trial_id, "values": c.values, "mean": c.mean, "std": c.std, "tests": c.tests}
+            for c in confirmations
+        ]
+        tracker.log_dict(parent, rows, "confirmation.json")
+    if advice:
+        tracker.set_tags(parent, {TAG_BOUNDARY: " | ".join(advice)})
     if state.baseline is not None:  # the base model before any fine-tuning
         metrics[f"baseline_{space.metric}"] = state.baseline["value"]
     tracker.log_metrics(parent, metrics, step=len(state.stages) + 1)

@@ -47,7 +47,7 @@ def _space(tmp_path: Path) -> Path:
         "trials_per_stage": {"training.learning_rate": 4, "lora.r": 2, "effective_batch": 1, "training.num_epochs": 1},
         "metric": "eval_loss",
         "mode": "min",
-        "lr_scaling": {"rule": "linear", "local_search": 0.25},
+        "lr_scaling": {"rule": "linear", "local_search": 0.5},  # reaches the sqrt rule's rate at batch 8
         "evals_per_epoch": 4,
         "asha": {"time_attr": "epoch", "grace_period": 0.25, "reduction_factor": 2},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
@@ -55,6 +55,7 @@ def _space(tmp_path: Path) -> Path:
         "storage_path": str(tmp_path / "ray"),
         "output_dir": str(tmp_path / "sweeps"),
         "keep_best_adapters": 2,
+        "confirm": {"top_k": 1, "seeds": 1},  # the winner once more with another seed, scored on test
         "seed": 7,
     }
     path = tmp_path / "itest.yaml"
@@ -108,7 +109,8 @@ def test_staged_sweep_with_a_failure_an_interrupt_and_a_resume(tiny_assets: Path
 
     state = json.loads(state_path.read_text())
     assert state["finished"] is True
-    trials = [t for t in state["trials"] if t["status"] != "reused"]
+    confirmation = [t for t in state["trials"] if t["stage"] == "confirm"]
+    trials = [t for t in state["trials"] if t["status"] != "reused" and t["stage"] != "confirm"]
     assert len(trials) == PLANNED, [t["trial_id"] for t in trials]
     assert len({t["trial_id"] for t in trials}) == PLANNED
     keys = {json.dumps(t["overrides"], sort_keys=True) for t in trials}
@@ -124,6 +126,16 @@ def test_staged_sweep_with_a_failure_an_interrupt_and_a_resume(tiny_assets: Path
     assert stopped, "ASHA stopped no trial"
     for t in stopped:  # stopped with a budget below the trial's full length
         assert t["epoch"] < float(t["overrides"]["training.num_epochs"])
+    assert all(t["sampler"] for t in trials)  # each point says what suggested it
+    # a stopped trial never wins: the best is the best full run
+    completed = [t for t in trials if t["status"] == "completed"]
+    best_value = min(t["value"] for t in completed)
+    winner = next(t for t in completed if t["value"] == best_value)
+    # the winner trained once more with another seed, and scored on the held-out test split
+    assert len(confirmation) == 1 and confirmation[0]["status"] == "confirmation"
+    assert confirmation[0]["sampled"]["of"] == winner["trial_id"] and confirmation[0]["sampled"]["seed"] == 1
+    assert confirmation[0]["overrides"] == winner["overrides"]
+    assert any(h.get("test_loss") is not None for h in confirmation[0]["history"])
 
     # MLflow agrees with Tune: one parent, a child per trial, the same statuses and best value
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -133,10 +145,12 @@ def test_staged_sweep_with_a_failure_an_interrupt_and_a_resume(tiny_assets: Path
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
-    assert len(children) == PLANNED and all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
-    status_of = {c.data.tags["raytune_qvl.trial_id"]: c.data.tags["raytune_qvl.status"] for c in children}
+    assert len(children) == PLANNED + 1  # a child per trial, the confirmation run included
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    searched = [c for c in children if c.data.tags["raytune_qvl.stage"] != "confirm"]
+    status_of = {c.data.tags["raytune_qvl.trial_id"]: c.data.tags["raytune_qvl.status"] for c in searched}
     assert status_of == {t["trial_id"]: t["status"] for t in trials}
-    for c in children:
+    for c in searched:
         assert c.data.tags["raytune_qvl.stage"].startswith("stage")
         assert "training.learning_rate" in c.data.params and "training.gradient_accumulation_steps" in c.data.params
         if c.data.tags["raytune_qvl.status"] == "failed":
@@ -145,8 +159,10 @@ def test_staged_sweep_with_a_failure_an_interrupt_and_a_resume(tiny_assets: Path
             assert c.info.status == "FINISHED"
             history = client.get_metric_history(c.info.run_id, "eval_loss")
             assert len(history) >= 1
-    best_value = min(t["value"] for t in trials if t["value"] is not None)
     assert parent.data.metrics["best_eval_loss"] == pytest.approx(best_value)
+    mean = (best_value + confirmation[0]["value"]) / 2
+    assert parent.data.metrics["best_eval_loss_mean"] == pytest.approx(mean)
+    assert parent.data.metrics["test_loss_mean"] > 0 and "test_loss_std" in parent.data.metrics
     assert parent.data.metrics["trials_failed"] == 1 and parent.data.metrics["trials_stopped"] == len(stopped)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {
@@ -159,7 +175,7 @@ def test_staged_sweep_with_a_failure_an_interrupt_and_a_resume(tiny_assets: Path
     # the best configuration, written out, passes the trainer's dry run
     best = tmp_path / "sweeps" / "itest" / "best"
     summary = json.loads((best / "best.json").read_text())
-    assert summary["value"] == pytest.approx(best_value)
+    assert summary["value"] == pytest.approx(best_value) and summary["trial"] == winner["trial_id"]
     assert (best / "adapter" / "adapter_model.safetensors").exists()
     dry = run_cli(
         "raytune_qvl.train",

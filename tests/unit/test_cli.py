@@ -74,6 +74,7 @@ def test_train_in_a_ray_jobs_temporary_folder_refuses_relative_outputs(tiny_asse
         f"model.name={assets / 'tiny-qwen25vl'}",
         f"data.train_path={assets / 'data/forms/train.jsonl'}",
         f"data.eval_path={assets / 'data/forms/eval.jsonl'}",
+        f"data.test_path={assets / 'data/forms/test.jsonl'}",
     ]
     args = [
         "raytune_qvl.train",

@@ -1,0 +1,168 @@
+"""Confirmation: a search's best value is one draw, picked because it was low. The top configs are
+trained again with other seeds (LoRA initialisation, dropout, data order), the winner is the best
+mean, and its score on the held-out test split — which no choice used, and which only these runs
+read — is the sweep's reported result, with its spread."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raytune_qvl.errors import trial_error
+from raytune_qvl.sweep.context import Sweep
+from raytune_qvl.sweep.records import TrialRecord, last_value, rank
+from raytune_qvl.sweep.space import CONFIRM_KEY
+from raytune_qvl.sweep.trial import run_trial, trial_dir
+
+__all__ = ["CONFIRM_STAGE", "Confirmed", "run_confirmation", "confirmed", "test_metric"]
+
+CONFIRM_STAGE = "confirm"  # its stage label, in the state file, MLflow and the Tune storage
+
+
+def test_metric(metric: str) -> str:
+    """The held-out split's name for a metric: eval_cer -> test_cer."""
+    return "test_" + metric.removeprefix("eval_")
+
+
+def _spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+@dataclass
+class Confirmed:
+    """One confirmed config: the search trial's value and its confirmation runs'."""
+
+    trial_id: str  # the search trial that found it
+    overrides: dict[str, Any]
+    values: list[float] = field(default_factory=list)  # the search trial's, then each run's
+    tests: list[float] = field(default_factory=list)  # each confirmation run's test score
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return _spread(self.values)
+
+    @property
+    def test_mean(self) -> float | None:
+        return statistics.fmean(self.tests) if self.tests else None
+
+    @property
+    def test_std(self) -> float:
+        return _spread(self.tests)
+
+
+def confirmation_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """What a confirmation run trains (for the progress lines)."""
+    return dict(config[CONFIRM_KEY]["overrides"])
+
+
+def confirmation_params(config: dict[str, Any]) -> dict[str, Any]:
+    """A confirmation run's MLflow params: the config it confirms and its seed offset."""
+    spec = config[CONFIRM_KEY]
+    return {"confirmation.of": spec["of"], "confirmation.seed": spec["seed"], **spec["overrides"]}
+
+
+def candidates(sweep: Sweep) -> list[TrialRecord]:
+    """The top_k configs that ran their full budget, best first."""
+    return rank(sweep.state.trained(), sweep.space.mode)[: sweep.space.confirm.top_k]
+
+
+def run_confirmation(sweep: Sweep, *, restore: bool) -> list[TrialRecord]:
+    """Train every candidate `confirm.seeds` more times (FIFO: full budgets), as one Tune experiment."""
+    from ray import tune
+
+    from raytune_qvl.sweep.progress import SweepProgress
+    from raytune_qvl.sweep.stage import InterruptWatch, unfinished
+    from raytune_qvl.track.trials import SweepTracking
+
+    space, base = sweep.space, sweep.base
+    experiment = f"{space.tune_storage}/{CONFIRM_STAGE}"
+    context = {
+        "space": space.model_dump(mode="json"),
+        "base": base.model_dump(mode="json"),
+        "fixed": {},
+        "lr_batch": None,
+        "num_samples": sweep.num_samples,
+        "sweep_dir": str(sweep.dir.absolute()),
+    }
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": 1})
+    if restore and tune.Tuner.can_restore(experiment):
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        specs = [
+            {"of": rec.trial_id, "overrides": rec.overrides, "seed": seed}
+            for rec in candidates(sweep)
+            for seed in range(1, space.confirm.seeds + 1)
+        ]
+        predictions = str(Path(trial_dir(str(sweep.dir.absolute()), "{trial_id}")) / "best" / "predictions.json")
+        tracking = SweepTracking(
+            sweep.tracker.uri, space.experiment, sweep.parent, CONFIRM_STAGE, confirmation_params, predictions
+        )
+        progress = SweepProgress(CONFIRM_STAGE, space.metric, confirmation_overrides)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={CONFIRM_KEY: tune.grid_search(specs)},
+            tune_config=tune.TuneConfig(
+                metric=space.metric, mode=space.mode, max_concurrent_trials=sweep.concurrency, num_samples=1
+            ),
+            run_config=tune.RunConfig(
+                name=CONFIRM_STAGE,
+                storage_path=space.tune_storage,
+                callbacks=[tracking, progress],
+                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                verbose=0,
+            ),
+        )
+    watch = InterruptWatch()
+    results = watch.run(tuner.fit)
+    if watch.interrupted or unfinished(results):
+        raise KeyboardInterrupt
+    return _records(results, space.metric)
+
+
+def _records(results: Any, metric: str) -> list[TrialRecord]:
+    analysis = getattr(results, "_experiment_analysis", None)
+    trials = {t.trial_id: t for t in (getattr(analysis, "trials", None) or [])}
+    out = []
+    for result in results:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or (Path(result.path).name if result.path else "?")
+        spec = dict((result.config or {}).get(CONFIRM_KEY) or {})
+        df = result.metrics_dataframe
+        history = []
+        if df is not None and len(df):
+            cols = [c for c in df.columns if c in ("step", "epoch", "samples_seen") or c.startswith(("eval_", "test_"))]
+            history = df[cols].to_dict("records")
+        failed = result.error is not None
+        reason = (trial_error(trials[trial_id]) if trial_id in trials else str(result.error)) if failed else ""
+        value = None if failed else last_value(history, metric)
+        record = TrialRecord(
+            trial_id, CONFIRM_STAGE, spec, dict(spec.get("overrides", {})), value,
+            "failed" if failed else "confirmation", reason,
+            float(metrics.get("epoch", 0) or 0), int(metrics.get("samples_seen", 0) or 0), history,
+        )  # fmt: skip
+        out.append(record)
+    return out
+
+
+def confirmed(sweep: Sweep) -> list[Confirmed]:
+    """Each candidate with its values (search + confirmation runs) and test scores, best mean first."""
+    test_key = test_metric(sweep.space.metric)
+    table = {rec.trial_id: Confirmed(rec.trial_id, rec.overrides, [rec.value]) for rec in candidates(sweep)}
+    for rec in sweep.state.records():
+        if rec.stage != CONFIRM_STAGE or rec.status != "confirmation" or rec.sampled.get("of") not in table:
+            continue
+        entry = table[rec.sampled["of"]]
+        if rec.value is not None and math.isfinite(rec.value):
+            entry.values.append(rec.value)
+        test = last_value(rec.history, test_key)
+        if test is not None:
+            entry.tests.append(test)
+    sign = 1 if sweep.space.mode == "min" else -1
+    return sorted(table.values(), key=lambda c: sign * c.mean)
