@@ -1,0 +1,62 @@
+"""A rerun of an output folder resumes only the run it holds: a config that changed what is trained
+is refused, naming the keys; an out-of-memory style re-split of the same effective batch, or a
+change of where and how often the run logs, is not a change."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raytune_qvl.config.load import load_config
+from raytune_qvl.errors import ConfigError
+from raytune_qvl.train.outputs import RUN_FILE, check_output, training_fingerprint
+
+from conftest import TINY_LORA, TINY_TRAIN, ZERO2
+
+
+def _config(out: Path, *overrides: str):
+    return load_config(TINY_TRAIN, TINY_LORA, ZERO2, [f"output.dir={out}", *overrides], check_files=False)
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """An output folder holding the record of a run of the tiny config (micro 8 x accumulation 1)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = _config(out, "training.per_device_train_batch_size=8", "training.gradient_accumulation_steps=1")
+    (out / RUN_FILE).write_text(json.dumps({"mlflow_run_id": "abc", "config": training_fingerprint(cfg)}))
+    return out
+
+
+def test_a_changed_training_setting_is_refused_naming_the_keys(folder: Path) -> None:
+    cfg = _config(
+        folder,
+        "training.per_device_train_batch_size=8",
+        "training.gradient_accumulation_steps=1",
+        "training.learning_rate=1e-4",
+        "lora.r=4",
+    )
+    with pytest.raises(ConfigError) as error:
+        check_output(cfg, overwrite=False)
+    text = str(error.value)
+    assert "training.learning_rate" in text and "r 16 -> 4" in text and "--overwrite" in text
+    assert check_output(cfg, overwrite=True) == {}  # --overwrite starts over
+
+
+def test_the_same_effective_batch_split_differently_and_new_log_settings_resume(folder: Path) -> None:
+    cfg = _config(
+        folder,
+        "training.per_device_train_batch_size=4",
+        "training.gradient_accumulation_steps=2",  # 4 x 2 = 8 x 1 on the same workers
+        "training.logging_steps=1",
+        "evaluation.generation_samples=4",
+    )
+    assert check_output(cfg, overwrite=False)["mlflow_run_id"] == "abc"
+
+
+def test_a_changed_effective_batch_is_refused(folder: Path) -> None:
+    cfg = _config(folder, "training.per_device_train_batch_size=8", "training.gradient_accumulation_steps=2")
+    with pytest.raises(ConfigError, match="effective_batch 16 -> 32"):
+        check_output(cfg, overwrite=False)
