@@ -27,6 +27,24 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 
 
+# Library warnings a normal run prints and nobody can act on, by message (never a whole category:
+# the first run on a new machine needs the rest, e.g. an attention fallback or a use_cache note)
+KNOWN_WARNINGS = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),  # torch's pytree, from DeepSpeed
+    (UserWarning, r"Warning only once for all operators"),  # a kernel re-registered by an import
+    (UserWarning, r'Field name "schema" in "JsonSchemaSpec" shadows'),  # MLflow's pydantic types
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),  # transformers, from peft
+    (FutureWarning, r"`torch\.distributed\.\w+` is deprecated"),  # DeepSpeed's ZeRO-3 collectives
+)
+
+
+def quiet_known_warnings() -> None:
+    import warnings
+
+    for category, message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
 # Ray's own messages from its processes that a normal run prints and nobody acts on
 _ROUTINE_RAY_LOGGERS = (
     "ray.train.v2._internal.execution.controller.placement_group_cleaner",

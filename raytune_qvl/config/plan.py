@@ -28,9 +28,13 @@ def _warn_once(message: str) -> None:
         log.warning(message)
 
 
-def resolve_attention(requested: str, *, on_gpu: bool, dtype_name: str) -> str:
-    """flash_attention_2 when asked and usable (flash-attn importable, a GPU, half precision);
-    otherwise sdpa, with one warning line."""
+def resolve_attention(
+    requested: str, *, on_gpu: bool, dtype_name: str, capability: tuple[int, int] | None = None
+) -> str:
+    """flash_attention_2 when asked and usable (flash-attn importable, a GPU of compute capability
+    8.0 or newer — Ampere; V100 and T4 import flash-attn and then fail —, half precision);
+    otherwise sdpa, with one warning line. `capability`: the GPU's, as a worker sees it (None: not
+    known here, as on the driver, which may have no GPU)."""
     if requested != "flash_attention_2":
         return requested
     reason = None
@@ -40,6 +44,8 @@ def resolve_attention(requested: str, *, on_gpu: bool, dtype_name: str) -> str:
         reason = "FlashAttention-2 needs a GPU"
     elif dtype_name == "float32":
         reason = "FlashAttention-2 needs bfloat16 or float16"
+    elif capability is not None and capability < (8, 0):
+        reason = f"FlashAttention-2 needs compute capability 8.0 or newer (this GPU: {capability[0]}.{capability[1]})"
     if reason:
         _warn_once(f"attn_implementation flash_attention_2 requested but {reason}; using sdpa")
         return "sdpa"

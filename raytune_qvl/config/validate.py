@@ -132,6 +132,9 @@ def validate_config(
         for key, amount in (ray.resources_per_worker or {}).items():
             if amount < 0:
                 add(["ray", "resources_per_worker", key], "must be >= 0", amount)
+        if ray.use_gpu and ray.num_workers > 1 and gpus and gpus != int(gpus):
+            rule = "must be a whole number with several workers (a fraction puts two NCCL ranks on one GPU)"
+            add(["ray", "resources_per_worker", "GPU"], rule, gpus)
 
     if ds_dict and training is not None and env is not None and check_files and not problems:
         workers = world_size or (ray.num_workers if ray is not None else 1)

@@ -210,8 +210,16 @@ def _check_space(space: SearchSpace, base: Config | None, source: str) -> list[P
         )
     if space.asha.max_t is not None and space.asha.max_t <= space.asha.grace_period:
         add("asha.max_t", f"must be > asha.grace_period ({space.asha.grace_period})", space.asha.max_t)
-    if space.resources.use_gpu and space.resources.gpus_per_worker <= 0:
-        add("resources.gpus_per_worker", "must be > 0 with use_gpu", space.resources.gpus_per_worker)
+    res = space.resources
+    if res.use_gpu and res.gpus_per_worker <= 0:
+        add("resources.gpus_per_worker", "must be > 0 with use_gpu", res.gpus_per_worker)
+    elif res.use_gpu and res.workers_per_trial > 1 and res.gpus_per_worker != int(res.gpus_per_worker):
+        add(
+            "resources.gpus_per_worker",
+            f"must be a whole number with {res.workers_per_trial} workers per trial (a fraction would put two NCCL "
+            "ranks of one trial on one GPU); use 1, or workers_per_trial: 1 to share GPUs between trials",
+            res.gpus_per_worker,
+        )
 
     if base is None:
         return problems

@@ -7,7 +7,6 @@ import copy
 import logging
 import os
 import socket
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -54,7 +53,6 @@ def init_distributed(ctx: WorkerContext) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

@@ -4,7 +4,8 @@ attention implementation from what is installed (see config/plan.py)."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from raytune_qvl.config.plan import resolve_attention
 from raytune_qvl.config.schema import Config
@@ -25,8 +26,28 @@ def torch_dtype(name: str) -> Any:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def load_model(cfg: Config, *, on_gpu: bool = False) -> Any:
-    """The base model (no LoRA yet), chosen by `config.model_type`."""
+@contextmanager
+def _partitioned_load(ds_config: dict[str, Any] | None) -> Iterator[None]:
+    """transformers partitions at load while an HfDeepSpeedConfig of a ZeRO-3 config is alive (it
+    keeps a weak reference); dropped afterwards, so that a later plain load is a plain load."""
+    stage = ((ds_config or {}).get("zero_optimization") or {}).get("stage", 0)
+    if stage != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del keep
+
+
+def load_model(cfg: Config, *, on_gpu: bool = False, ds_config: dict[str, Any] | None = None) -> Any:
+    """The base model (no LoRA yet), chosen by `config.model_type`. With a ZeRO-3 `ds_config`
+    (the filled one the engine is built from), every weight is partitioned across the ranks as it
+    is loaded (DeepSpeed's zero.Init through transformers' HfDeepSpeedConfig), so no rank holds the
+    whole model in memory on its way to the engine."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -43,15 +64,22 @@ def load_model(cfg: Config, *, on_gpu: bool = False) -> Any:
                 )
             ]
         )
-    attn = resolve_attention(cfg.model.attn_implementation, on_gpu=on_gpu, dtype_name=cfg.model.torch_dtype)
-    model = AutoModelForImageTextToText.from_pretrained(
-        cfg.model.name,
-        config=hf_config,
-        dtype=torch_dtype(cfg.model.torch_dtype),
-        attn_implementation=attn,
-        **hub_kwargs(cfg),
+    capability = torch.cuda.get_device_capability() if on_gpu and torch.cuda.is_available() else None
+    attn = resolve_attention(
+        cfg.model.attn_implementation, on_gpu=on_gpu, dtype_name=cfg.model.torch_dtype, capability=capability
     )
-    model.config.use_cache = False  # no KV cache while training (generation turns it on)
+    with _partitioned_load(ds_config):
+        model = AutoModelForImageTextToText.from_pretrained(
+            cfg.model.name,
+            config=hf_config,
+            dtype=torch_dtype(cfg.model.torch_dtype),
+            attn_implementation=attn,
+            **hub_kwargs(cfg),
+        )
+    # no KV cache while training (generation turns it on); transformers 5 reads it from the text config
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None:
+            config.use_cache = False
     if cfg.environment.gradient_checkpointing:
         # non-reentrant checkpointing works with frozen inputs; with LoRA the embeddings are
         # frozen, so the input must require grad for the checkpointed blocks to backprop

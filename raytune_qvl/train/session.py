@@ -128,12 +128,12 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
             check_audit(split.audit, cfg.data)
     plan = make_plan(cfg, num_samples=len(train_split.items))
 
-    # model + LoRA (or every weight, for full fine-tuning) + DeepSpeed
-    model = make_trainable(load_model(cfg, on_gpu=ctx.on_gpu), t.finetuning_type, cfg.lora)
+    # model (partitioned as it loads under ZeRO-3) + LoRA (or every weight, for full fine-tuning) + DeepSpeed
+    ds_config, notes = device_config(plan.deepspeed, on_gpu=ctx.on_gpu)
+    model = load_model(cfg, on_gpu=ctx.on_gpu, ds_config=ds_config)
+    model = make_trainable(model, t.finetuning_type, cfg.lora)
     if ctx.is_main:
         log.info(format_parts(trainable_by_part(model)))
-    ds_config, notes = device_config(plan.deepspeed, on_gpu=ctx.on_gpu)
-    if ctx.is_main:
         for note in notes:
             log.info("%s", note)
     engine = build_engine(model, ds_config)

@@ -16,14 +16,12 @@ __all__ = ["RayReporter", "train_loop_per_worker", "quiet_worker"]
 def quiet_worker(rank: int, verbose: bool = True) -> None:
     """One progress view for the user: workers keep their logs to warnings (rank 0 also
     says what it trains), so the driver's progress lines are not buried."""
-    import warnings
 
     from raytune_qvl import runtime
 
     runtime.quiet_libraries()
     runtime.setup_logging(logging.INFO if rank == 0 and verbose else logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft|deepspeed)\.")
+    runtime.quiet_known_warnings()
     for name in ("DeepSpeed", "deepspeed", "transformers", "peft", "torch.distributed", "torch.utils.cpp_extension"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:  # DeepSpeed's logger resets its level when first imported: set it after that

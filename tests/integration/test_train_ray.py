@@ -113,11 +113,20 @@ def test_zero2_two_workers_learns_and_tracks_one_mlflow_run(tiny_config, ray_clu
 
 
 def test_zero3_offload_two_workers_saves_a_full_adapter(tiny_config, ray_cluster) -> None:
+    """ZeRO-3 with CPU offload, with the settings real configs run: gradient checkpointing (DeepSpeed +
+    peft, non-reentrant) and DataLoader worker processes inside the Ray Train workers."""
     from safetensors.torch import load_file
 
     from raytune_qvl.train.run import run_training
 
-    cfg = tiny_config(*SHORT, "evaluation.generation_samples=4", deepspeed=ZERO3)
+    cfg = tiny_config(
+        *SHORT,
+        "evaluation.generation_samples=4",
+        "environment.gradient_checkpointing=true",
+        "data.num_workers=1",
+        deepspeed=ZERO3,
+    )
+    assert cfg.environment.gradient_checkpointing and cfg.data.num_workers == 1
     result = run_training(cfg)
     evals = _eval_history(result.history)
     assert evals[-1][1] < evals[0][1] - 0.3, evals
@@ -254,9 +263,11 @@ def test_interrupt_and_resume_continues_with_the_same_data_order(tiny_assets: Pa
     assert json.loads((tmp_path / "b" / "final" / "training_complete.json").read_text())["step"] == 32
 
 
-def test_reloaded_adapter_reproduces_the_trained_logits(tiny_assets: Path, tmp_path: Path) -> None:
-    """Train under ZeRO-3 (partitioned LoRA weights), save through the gather, reload the adapter
-    on a fresh base model: the logits match the engine's."""
+@pytest.mark.parametrize("zero", [ZERO2, ZERO3], ids=["zero2", "zero3"])
+def test_reloaded_adapter_reproduces_the_trained_logits(zero: Path, tiny_assets: Path, tmp_path: Path) -> None:
+    """Train (under ZeRO-3: partitioned weights, saved through the gather) with vision LoRA and a
+    module trained in full (`modules_to_save`, whose save once crashed), reload the adapter on a
+    fresh base model: the logits match the engine's."""
     code = f"""
 import os, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
@@ -270,10 +281,12 @@ from raytune_qvl.data.batches import TrainDataset, Collator
 from raytune_qvl.train.model import load_model
 from raytune_qvl.data.processor import load_processor
 from peft import PeftModel
-cfg = load_config({str(TINY_TRAIN)!r}, {str(TINY_LORA)!r}, {str(ZERO3)!r}, [
+cfg = load_config({str(TINY_TRAIN)!r}, {str(TINY_LORA)!r}, {str(zero)!r}, [
     "ray.num_workers=1", "training.max_steps=6", "training.eval_steps=3", "training.logging_steps=3",
     "evaluation.generation_samples=0", "output.dir={tmp_path / "z3"}",
-    "model.torch_dtype=float32", "environment.bf16=false", "deepspeed.bf16.enabled=false", "lora.lora_dropout=0.0"])
+    "model.torch_dtype=float32", "environment.bf16=false", "deepspeed.bf16.enabled=false", "lora.lora_dropout=0.0",
+    "lora.modules_to_save=[lm_head]"])
+assert cfg.lora.vision_lora.enabled and cfg.lora.modules_to_save == ["lm_head"]
 processor = load_processor(cfg)
 items = load_or_prepare(cfg, processor, "eval").items[:2]
 batch = Collator(processor.tokenizer.pad_token_id)([TrainDataset(items, processor)[i] for i in range(2)])

@@ -117,6 +117,7 @@ BAD_CONFIGS = [
     (None, ["environment.bf16=true"], ["model.torch_dtype", "must be bfloat16"]),
     (None, ["data.train_path=./nope.jsonl"], ["data.train_path", "training data file not found"]),
     (None, ["output.report_to=comet"], ["output.report_to", "must be one of"]),
+    (None, ["ray.use_gpu=true", "ray.resources_per_worker.GPU=0.5"], ["resources_per_worker.GPU", "whole number"]),
     (None, ["training.logging_steps=50"], ["logging_steps", "must be <= training.eval_steps"]),
     (None, ["trainig.num_epochs=3"], ["trainig.num_epochs", "unknown section", "did you mean 'training'"]),
     (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -94,6 +95,18 @@ def test_flash_attention_falls_back_to_sdpa_with_a_warning(caplog: pytest.LogCap
         assert plan.resolve_attention("flash_attention_2", on_gpu=False, dtype_name="bfloat16") == "sdpa"
     assert len([r for r in caplog.records if "using sdpa" in r.getMessage()]) == 1  # one line, not one per call
     assert plan.resolve_attention("eager", on_gpu=False, dtype_name="float32") == "eager"
+
+
+def test_flash_attention_needs_compute_capability_8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """V100 (7.0) and T4 (7.5) import flash-attn and then fail at the first forward."""
+    from raytune_qvl.config import plan
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(plan.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else real(name))
+    fa2 = {"on_gpu": True, "dtype_name": "bfloat16"}
+    assert plan.resolve_attention("flash_attention_2", **fa2, capability=(7, 5)) == "sdpa"
+    assert plan.resolve_attention("flash_attention_2", **fa2, capability=(8, 0)) == "flash_attention_2"
+    assert plan.resolve_attention("flash_attention_2", **fa2, capability=None) == "flash_attention_2"  # the driver
 
 
 def _fixed_batch(tiny_assets: Path, processor):

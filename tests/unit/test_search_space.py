@@ -109,6 +109,10 @@ BAD = [
     ({"asha": {"time_attr": "training_iteration"}}, ["asha.time_attr", "'epoch' or 'samples_seen'"]),
     ({"asha": {"grace_period": 2, "max_t": 1}}, ["asha.max_t", "must be > asha.grace_period"]),
     ({"base": None}, ["base", "Field required"]),
+    (
+        {"resources": {"workers_per_trial": 2, "use_gpu": True, "gpus_per_worker": 0.5}},
+        ["resources.gpus_per_worker", "whole number with 2 workers per trial"],
+    ),
 ]
 
 
