@@ -14,7 +14,7 @@ else
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: all setup assets demo demo-train lint system-deps test bench clean
+.PHONY: all setup assets demo demo-train lint system-deps test bench gpu-check clean
 
 all: demo
 
@@ -66,6 +66,12 @@ system-deps:
 # (BENCH_ARGS=--quick: a smoke run with fewer repeats and trials)
 bench: assets
 	$(PY) -m bench.run_bench $(BENCH_ARGS)
+
+# the GPU path on a CUDA machine, once (~8 minutes): versions, 3B/7B step throughput, a GPU sweep,
+# ZeRO-3 save/reload; bench/results/gpu.json. FlashAttention-2 is measured when installed
+# (`.venv/bin/pip install -e '.[gpu]'`). Without a GPU it says so and exits 0.
+gpu-check: assets
+	$(PY) -m bench.gpu_check
 
 lint: $(STAMP)
 	$(PY) -m ruff check raytune_qvl tests bench

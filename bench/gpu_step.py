@@ -1,8 +1,8 @@
 """One-GPU throughput of the training loop's engine on a real Qwen2.5-VL shape: a randomly
 initialised 3B or 7B model (no hub needed), bf16, SDPA or FlashAttention-2, LoRA r=32 on the
-language model, DeepSpeed ZeRO-2, a fixed synthetic batch of one image + text per sample.
+language model, DeepSpeed ZeRO-2 (or 3), a fixed synthetic batch of one image + text per sample.
 
-Run as: python -m bench.gpu_step --shape 7b [--steps 30] [--batch 4] [--seq 1024] [--attn flash_attention_2]
+Run as: python -m bench.gpu_step --shape 7b [--steps 30] [--batch 4] [--seq 1024] [--attn flash_attention_2] [--zero 3]
         python -m bench.gpu_step --shape tiny --device cpu --steps 3     (a smoke test of this script)
 
 Reports tokens/s, model FLOPs utilization and peak memory as one JSON line.
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--zero", type=int, default=2, choices=[2, 3], help="DeepSpeed ZeRO stage")
     args = parser.parse_args()
 
     from raytune_qvl import runtime
@@ -129,7 +130,8 @@ def main() -> None:
         vision_start_token_id=shape["text"]["vocab_size"] - 3,
         vision_end_token_id=shape["text"]["vocab_size"] - 4,
     )
-    attn = resolve_attention(args.attn, on_gpu=on_gpu, dtype_name="bfloat16")
+    capability = torch.cuda.get_device_capability() if on_gpu else None
+    attn = resolve_attention(args.attn, on_gpu=on_gpu, dtype_name="bfloat16", capability=capability)
     with torch.device(args.device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=torch.bfloat16)
     model.config.use_cache = False
@@ -145,7 +147,7 @@ def main() -> None:
     filled = fill_deepspeed(
         {
             "bf16": {"enabled": True},
-            "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
+            "zero_optimization": {"stage": args.zero, "overlap_comm": True, "contiguous_gradients": True},
         },
         training,
         EnvironmentConfig(bf16=True),
@@ -201,6 +203,7 @@ def main() -> None:
                 "shape": args.shape,
                 "device": name,
                 "attention": attn,
+                "zero_stage": args.zero,
                 "batch": args.batch,
                 "seq": seq,
                 "image_tokens": n_image,
