@@ -22,7 +22,7 @@ from typing import Any, Iterator
 from raytune_qvl.config.schema import Config
 from raytune_qvl.config.write import write_configs
 from raytune_qvl.data.encode import IGNORE_INDEX
-from raytune_qvl.reports import HELD_KEY
+from raytune_qvl.reports import HELD_KEY, pack
 from raytune_qvl.train import faults
 from raytune_qvl.train.checkpoint import save_checkpoint, save_trained
 from raytune_qvl.train.engine import WorkerContext, all_reduce_max, all_reduce_sum, barrier, gathered_trainable_state
@@ -263,12 +263,12 @@ def run(s: Session) -> dict[str, Any]:
                     _save_final(s, output_dir / FINAL_DIR, {**last_metrics, **metrics})
                 report = {**metrics, "finished": last}
                 if step % t.save_steps == 0 or last:
-                    report[HELD_KEY], held = held, []
+                    report[HELD_KEY], held = pack(held), []
                     with gathered_trainable_state(engine) as trained, _staging(f"checkpoint-{step:06d}") as folder:
                         save_checkpoint(engine, folder, state, rank=ctx.rank, trained=trained)
                         s.reporter.report(report, folder)
                 elif due or any(k.startswith("eval_") for k in metrics):
-                    report[HELD_KEY], held = held, []
+                    report[HELD_KEY], held = pack(held), []
                     s.reporter.report(report, None)
                 else:
                     held.append(report)
@@ -289,7 +289,7 @@ def _diverged(s: Session, step: int, lr: float, held: list[dict[str, Any]]) -> d
         folder.mkdir(parents=True)
         if s.ctx.is_main:
             (folder / DIVERGED_FILE).write_text(json.dumps({"step": step, "message": message}))
-        s.reporter.report({**_progress(s), "diverged": message, "finished": True, HELD_KEY: held}, folder)
+        s.reporter.report({**_progress(s), "diverged": message, "finished": True, HELD_KEY: pack(held)}, folder)
     return {"diverged": message}
 
 
