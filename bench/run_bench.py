@@ -4,8 +4,9 @@
    a Ray TorchTrainer with 1 and 2 workers) against a plain PyTorch + peft loop (bench/plain_loop.py);
 2. per-trial overhead: time from a trial's start to its first optimizer step and its share of the
    trial; data preparation once per sweep against the trials' reads of it;
-3. search efficiency: the staged TPE + ASHA sweep against an exhaustive grid (learning rate x rank,
-   full budget, no early stopping) and random search with as many trials (no early stopping);
+3. search efficiency on the demo's target (forms, eval CER): the staged sweep (3 sweep seeds) against
+   the exhaustive learning rate x rank grid (the starting point's budget, no early stopping) and
+   random search given the sweep's compute, each winner confirmed with a seed and scored on test;
 4. scaling: sweep wall time for 4, 8 and 16 trials at concurrency 1 and 2.
 
 Run as: python -m bench.run_bench [--quick] [--only loop,overhead,search,scaling]
@@ -151,19 +152,24 @@ def _space_file(tmp: Path, name: str, **changes: Any) -> Path:
 
 def _sweep(tmp: Path, name: str, env: dict | None = None, **changes: Any) -> dict[str, Any]:
     started = time.perf_counter()
-    _run(["-m", "raytune_qvl.sweep", str(_space_file(tmp, name, **changes)), "--overwrite"], timeout=5400, env=env)
+    done = _run(
+        ["-m", "raytune_qvl.sweep", str(_space_file(tmp, name, **changes)), "--overwrite"], timeout=5400, env=env
+    )
     wall = time.perf_counter() - started
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"sweep-{name}.log").write_text(done.stdout + done.stderr)  # every run's console, kept (git-ignored)
     state = json.loads((tmp / "sweeps" / name / "sweep_state.json").read_text())
     trials = [t for t in state["trials"] if t["status"] != "reused"]
     return {"wall_seconds": wall, "trials": trials, "parent": state["parent_run_id"]}
 
 
 def _curve(trials: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
-    """Best value so far against cumulative training samples, in launch order."""
+    """Best value so far (of full budgets: a stopped trial never wins) against cumulative training
+    samples (every trial's), in launch order."""
     xs, ys, used, best = [], [], 0, None
     for t in trials:
         used += int(t.get("samples_seen") or 0)
-        if t["value"] is not None:
+        if t["value"] is not None and t["status"] == "completed":
             best = t["value"] if best is None else min(best, t["value"])
         if best is not None:
             xs.append(used)
@@ -238,18 +244,49 @@ def bench_overhead(tmp: Path, trials: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- 3. search
 
 
-def bench_search(tmp: Path, staged_repeats: int = 3) -> dict[str, Any]:
-    """The staged sweep `staged_repeats` times (same seed: with two trials at a time, which
-    trial reaches an ASHA rung first varies, and so do the stops), the grid and random once."""
-    runs = [_sweep(tmp, f"staged{i}") for i in range(staged_repeats)]
-    runs.sort(key=lambda r: sum(int(t.get("samples_seen") or 0) for t in r["trials"]))
-    staged = runs[len(runs) // 2]  # the median run by samples
-    n = len(staged["trials"])
-    lrs = yaml.safe_load((ROOT / "search_spaces" / "tiny_cpu.yaml").read_text())["parameters"][
-        "training.learning_rate"
-    ]["choices"]
-    ranks = [4, 8, 16, 32]
-    full_epochs = 3  # the longest training the staged sweep considers
+def _search_summary(tmp: Path, name: str, res: dict[str, Any], metric: str) -> dict[str, Any]:
+    """One search, as its result is reported: the searched trials, the confirmed winner (eval mean
+    ± std over its seeds) and its score on the held-out test split, and every training sample spent
+    (confirmation runs included)."""
+    from mlflow.tracking import MlflowClient
+
+    held_out = "test_" + metric.removeprefix("eval_")
+    searched = [t for t in res["trials"] if t["stage"] != "confirm"]
+    confirm = [t for t in res["trials"] if t["stage"] == "confirm"]
+    parent = MlflowClient(f"sqlite:///{tmp / 'bench.db'}").get_run(res["parent"]).data.metrics
+    best = json.loads((tmp / "sweeps" / name / "best" / "best.json").read_text())
+    return {
+        "trials": len(searched),
+        "confirmation_runs": len(confirm),
+        "stopped": sum(1 for t in searched if t["status"] == "stopped"),
+        "best_search": min(t["value"] for t in searched if t["status"] == "completed" and t["value"] is not None),
+        "chosen": best.get("overrides", {}),
+        "eval_mean": parent.get(f"best_{metric}_mean"),
+        "eval_std": parent.get(f"best_{metric}_std"),
+        "test": parent.get(f"{held_out}_mean"),
+        "samples": sum(int(t.get("samples_seen") or 0) for t in res["trials"]),
+        "wall_seconds": res["wall_seconds"],
+        "curve": _curve(searched),
+    }
+
+
+def bench_search(tmp: Path, seeds: int = 3) -> dict[str, Any]:
+    """On the demo's target (forms, eval CER), at equal per-trial budgets (the starting point's
+    epochs, no early stopping outside the sweep): the staged sweep with `seeds` sweep seeds, the
+    exhaustive learning rate x rank grid over the same choices, and random search over the four
+    parameters given the sweep's median compute. Each one's best is confirmed with another seed and
+    scored on the held-out test split the same way."""
+    space = yaml.safe_load((ROOT / "search_spaces" / "tiny_cpu.yaml").read_text())
+    metric, params = space["metric"], space["parameters"]
+    lrs, ranks = params["training.learning_rate"]["choices"], params["lora.r"]["choices"]
+    train_size = sum(1 for _ in (ROOT / ".assets" / "data" / "forms" / "train.jsonl").open())
+    out: dict[str, Any] = {"metric": metric, "grid_lrs": lrs, "grid_ranks": ranks}
+
+    staged = []
+    for i in range(seeds):
+        name = f"staged{i}"
+        staged.append(_search_summary(tmp, name, _sweep(tmp, name, seed=space["seed"] + i), metric))
+    out["staged_runs"] = staged
     grid = _sweep(
         tmp,
         "grid",
@@ -258,32 +295,27 @@ def bench_search(tmp: Path, staged_repeats: int = 3) -> dict[str, Any]:
         asha={"enabled": False},
         parameters={"training.learning_rate": {"choices": lrs}, "lora.r": {"choices": ranks}},
         trials_per_stage=1,
-        overrides={"training.num_epochs": full_epochs},
+        confirm={"top_k": 1, "seeds": 1},
     )
+    out["grid"] = _search_summary(tmp, "grid", grid, metric)
+    search_samples = statistics.median(
+        r["samples"] * r["trials"] / (r["trials"] + r["confirmation_runs"]) for r in staged
+    )  # the sweep's searched trials' share, roughly: random gets as much, and the same confirmation
+    epochs = statistics.fmean(params["training.num_epochs"]["choices"])
+    n = max(2, round(search_samples / (epochs * train_size)))
     random = _sweep(tmp, "random", strategy="random", joint_trials=n, asha={"enabled": False}, trials_per_stage=1)
-    out: dict[str, Any] = {}
-    for name, res in (("staged", staged), ("grid", grid), ("random", random)):
-        values = [t["value"] for t in res["trials"] if t["value"] is not None]
-        out[name] = {
-            "trials": len(res["trials"]),
-            "stopped": sum(1 for t in res["trials"] if t["status"] == "stopped"),
-            "best": min(values),
-            "samples": sum(int(t.get("samples_seen") or 0) for t in res["trials"]),
-            "wall_seconds": res["wall_seconds"],
-            "curve": _curve(res["trials"]),
-        }
-    out["staged_runs"] = [
-        {
-            "samples": sum(int(t.get("samples_seen") or 0) for t in r["trials"]),
-            "best": min(t["value"] for t in r["trials"] if t["value"] is not None),
-            "stopped": sum(1 for t in r["trials"] if t["status"] == "stopped"),
-            "wall_seconds": r["wall_seconds"],
-        }
-        for r in runs
-    ]
-    out["sweep_best_gap_vs_grid"] = (out["staged"]["best"] - out["grid"]["best"]) / out["grid"]["best"]
-    out["sweep_samples_ratio_vs_grid"] = out["staged"]["samples"] / out["grid"]["samples"]
-    out["random_best_gap_vs_grid"] = (out["random"]["best"] - out["grid"]["best"]) / out["grid"]["best"]
+    out["random"] = _search_summary(tmp, "random", random, metric)
+
+    g = out["grid"]
+    for r in staged:
+        r["test_gap_vs_grid"] = r["test"] - g["test"]
+        r["tolerance"] = max(r["eval_std"] or 0.0, 0.01)
+        r["samples_ratio_vs_grid"] = r["samples"] / g["samples"]
+        r["matches_grid"] = r["test_gap_vs_grid"] <= r["tolerance"]
+    out["sweep_test_gap_vs_grid"] = statistics.median(r["test_gap_vs_grid"] for r in staged)
+    out["sweep_samples_ratio_vs_grid"] = statistics.median(r["samples_ratio_vs_grid"] for r in staged)
+    out["sweep_seeds_matching_grid"] = sum(r["matches_grid"] for r in staged)
+    out["random_test_gap_vs_grid"] = out["random"]["test"] - g["test"]
     return out
 
 
@@ -339,15 +371,20 @@ def _plots(results: dict[str, Any]) -> list[str]:
         fig.tight_layout()
         fig.savefig(RESULTS / "loop_throughput.png", dpi=110)
         made.append("loop_throughput.png")
-    if "search" in results:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name, color in (("staged", "tab:blue"), ("grid", "grey"), ("random", "tab:orange")):
-            xs, ys = results["search"][name]["curve"]
-            ax.step(xs, ys, where="post", label=f"{name} ({results['search'][name]['trials']} trials)", color=color)
-        ax.set_xlabel("training samples processed (cumulative)")
-        ax.set_ylabel("best eval_loss so far")
-        ax.set_title("Search efficiency: best-so-far against compute")
-        ax.legend()
+    search = results.get("search") or {}
+    if "sweep_seeds_matching_grid" in search:  # (a search recorded on the earlier task has no test scores)
+        fig, ax = plt.subplots(figsize=(7.5, 4))
+        lines = [(f"staged, seed {i}", r, "tab:blue") for i, r in enumerate(search["staged_runs"])]
+        lines += [("grid", search["grid"], "grey"), ("random", search["random"], "tab:orange")]
+        for i, (name, r, color) in enumerate(lines):
+            xs, ys = r["curve"]
+            style = ["-", "--", ":"][i % 3] if name.startswith("staged") else "-"
+            label = f"{name}: {r['trials']} trials, test {r['test']:.3f}"
+            ax.step(xs, ys, where="post", label=label, color=color, linestyle=style)
+        ax.set_xlabel("training samples of the searched trials (cumulative)")
+        ax.set_ylabel(f"best {search['metric']} so far (full budgets)")
+        ax.set_title("Search efficiency on the forms target: best-so-far against compute")
+        ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(RESULTS / "search_efficiency.png", dpi=110)
         made.append("search_efficiency.png")
@@ -428,7 +465,7 @@ def main() -> None:
             results["overhead"] = bench_overhead(tmp, trials=3 if args.quick else 5)
         if "search" in parts:
             print("search efficiency ...", flush=True)
-            results["search"] = bench_search(tmp, staged_repeats=1 if args.quick else 3)
+            results["search"] = bench_search(tmp, seeds=1 if args.quick else 3)
         if "scaling" in parts:
             print("scaling ...", flush=True)
             results["scaling"] = bench_scaling(tmp, [2, 4] if args.quick else [4, 8, 16])
@@ -441,7 +478,8 @@ def main() -> None:
             "ray_loop_ratio_vs_plain": results.get("loop", {}).get("ray_loop_ratio_vs_plain"),
             "trial_setup_seconds": results.get("overhead", {}).get("trial_setup_seconds"),
             "data_prep_reuse_ratio": results.get("overhead", {}).get("data_prep_reuse_ratio"),
-            "sweep_best_gap_vs_grid": results.get("search", {}).get("sweep_best_gap_vs_grid"),
+            "sweep_test_gap_vs_grid": results.get("search", {}).get("sweep_test_gap_vs_grid"),
+            "sweep_seeds_matching_grid": results.get("search", {}).get("sweep_seeds_matching_grid"),
             "sweep_samples_ratio_vs_grid": results.get("search", {}).get("sweep_samples_ratio_vs_grid"),
         }.items()
     }
