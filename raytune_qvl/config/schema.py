@@ -32,6 +32,7 @@ __all__ = [
     "TRAINING_SECTIONS",
     "SECTIONS",
     "metric_mode",
+    "test_metric",
     "metric_reported",
     "field_at",
     "config_keys",
@@ -46,6 +47,13 @@ EVAL_METRICS: dict[str, Literal["min", "max"]] = {
     "eval_anls": "max",  # average normalized Levenshtein similarity (visual QA)
     "eval_exact_match": "max",
 }
+
+
+def test_metric(metric: str) -> str:
+    """The held-out test split's name for an eval metric: eval_cer -> test_cer."""
+    return "test_" + metric.removeprefix("eval_")
+
+
 # The generation metrics each task reports (eval_loss is always reported).
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "ocr_doc": ("eval_cer", "eval_wer", "eval_exact_match"),

@@ -11,20 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raytune_qvl.config.schema import test_metric
 from raytune_qvl.errors import trial_error
 from raytune_qvl.sweep.context import Sweep
 from raytune_qvl.sweep.records import TrialRecord, last_value, rank
 from raytune_qvl.sweep.space import CONFIRM_KEY
 from raytune_qvl.sweep.trial import run_trial, trial_dir
 
-__all__ = ["CONFIRM_STAGE", "Confirmed", "run_confirmation", "confirmed", "test_metric"]
+__all__ = ["CONFIRM_STAGE", "Confirmed", "run_confirmation", "confirmed"]
 
 CONFIRM_STAGE = "confirm"  # its stage label, in the state file, MLflow and the Tune storage
-
-
-def test_metric(metric: str) -> str:
-    """The held-out split's name for a metric: eval_cer -> test_cer."""
-    return "test_" + metric.removeprefix("eval_")
 
 
 def _spread(values: list[float]) -> float:

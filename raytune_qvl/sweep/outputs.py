@@ -152,7 +152,7 @@ def mean_std(mean: float, std: float, n: int) -> str:
 def confirmation_table(space: Any, confirmations: list[Any]) -> str:
     """Each confirmed config: its mean and spread over the search run and the confirmation runs,
     and its test score; the winner (the best mean) first."""
-    from raytune_qvl.sweep.confirm import test_metric
+    from raytune_qvl.config.schema import test_metric
 
     metric, test = space.metric, test_metric(space.metric)
     keys = [k for k in _TABLE_KEYS if any(k in c.overrides for c in confirmations)]

@@ -263,7 +263,8 @@ def _finish(sweep: Sweep, finished_tags: dict[str, Any]) -> dict[str, Any]:
     from raytune_qvl.track.tracker import TAG_BEST_TRIAL
     from raytune_qvl.track.ui import UI_ADDRESS, compare_url, sweep_trials
 
-    from raytune_qvl.sweep.confirm import confirmed, test_metric
+    from raytune_qvl.config.schema import test_metric
+    from raytune_qvl.sweep.confirm import confirmed
 
     space = sweep.space
     records = ranked(sweep)

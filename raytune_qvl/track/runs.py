@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from raytune_qvl.config.overrides import flatten
+from raytune_qvl.config.schema import test_metric
 from raytune_qvl.config.write import write_configs
 from raytune_qvl.track.tracker import TAG_BOUNDARY, TAG_KIND, TAG_STRATEGY, Tracker
 from raytune_qvl.track.views import label_mask_html, predictions_html
@@ -168,7 +169,7 @@ def log_sweep_result(
         "trials_failed": counts["failed"],
     }
     if confirmations:
-        winner, held_out = confirmations[0], "test_" + space.metric.removeprefix("eval_")
+        winner, held_out = confirmations[0], test_metric(space.metric)
         metrics |= {f"best_{space.metric}_mean": winner.mean, f"best_{space.metric}_std": winner.std}
         if winner.test_mean is not None:
             metrics |= {f"{held_out}_mean": winner.test_mean, f"{held_out}_std": winner.test_std}

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from raytune_qvl.config.schema import Config
+from raytune_qvl.config.schema import Config, test_metric
 from raytune_qvl.config.write import write_configs
 from raytune_qvl.data.encode import IGNORE_INDEX
 from raytune_qvl.reports import HELD_KEY, pack
@@ -116,7 +116,7 @@ def _test(s: Session) -> dict[str, Any]:
     metrics = {"test_loss": evaluate_loss(s.engine, dataset, s.collator, s.ctx, batch)}
     if generation is not None:
         scores = generation.run(s.engine, step=s.state.global_step)
-        metrics.update({"test_" + k.removeprefix("eval_"): v for k, v in scores.items()})
+        metrics.update({test_metric(k): v for k, v in scores.items()})
     return metrics
 
 
