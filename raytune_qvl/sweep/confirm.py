@@ -14,7 +14,7 @@ from typing import Any
 from raytune_qvl.config.schema import test_metric
 from raytune_qvl.errors import trial_error
 from raytune_qvl.sweep.context import Sweep
-from raytune_qvl.sweep.records import TrialRecord, last_value, rank
+from raytune_qvl.sweep.records import TrialRecord, last_value, rank, tune_results
 from raytune_qvl.sweep.space import CONFIRM_KEY
 from raytune_qvl.sweep.trial import run_trial, trial_dir
 
@@ -123,20 +123,15 @@ def run_confirmation(sweep: Sweep, *, restore: bool) -> list[TrialRecord]:
 
 
 def _records(results: Any, metric: str) -> list[TrialRecord]:
-    analysis = getattr(results, "_experiment_analysis", None)
-    trials = {t.trial_id: t for t in (getattr(analysis, "trials", None) or [])}
     out = []
-    for result in results:
+    kept = ("step", "epoch", "samples_seen")
+    for result, trial_id, trial, history in tune_results(
+        results, lambda c: c in kept or c.startswith(("eval_", "test_"))
+    ):
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or (Path(result.path).name if result.path else "?")
         spec = dict((result.config or {}).get(CONFIRM_KEY) or {})
-        df = result.metrics_dataframe
-        history = []
-        if df is not None and len(df):
-            cols = [c for c in df.columns if c in ("step", "epoch", "samples_seen") or c.startswith(("eval_", "test_"))]
-            history = df[cols].to_dict("records")
         failed = result.error is not None
-        reason = (trial_error(trials[trial_id]) if trial_id in trials else str(result.error)) if failed else ""
+        reason = (trial_error(trial) if trial is not None else str(result.error)) if failed else ""
         value = None if failed else last_value(history, metric)
         record = TrialRecord(
             trial_id, CONFIRM_STAGE, spec, dict(spec.get("overrides", {})), value,

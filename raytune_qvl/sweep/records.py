@@ -5,11 +5,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from raytune_qvl.sweep.space import LR_FACTOR, LR_KEY, SearchSpace
 
-__all__ = ["TrialRecord", "StageOutcome", "RANKED", "point_key", "rank", "best_record", "last_value", "resolved_point"]
+__all__ = [
+    "TrialRecord",
+    "StageOutcome",
+    "RANKED",
+    "point_key",
+    "rank",
+    "best_record",
+    "last_value",
+    "resolved_point",
+    "tune_results",
+]
 
 
 def point_key(overrides: Mapping[str, Any]) -> tuple:
@@ -78,3 +89,16 @@ def resolved_point(space: SearchSpace, fixed: dict[str, Any], record: TrialRecor
     if LR_KEY in record.overrides:
         point[LR_KEY] = record.overrides[LR_KEY]
     return {k: point[k] for k in space.parameters if k in point}
+
+
+def tune_results(results: Any, keep: Callable[[str], bool]) -> Iterator[tuple[Any, str, Any, list[dict[str, Any]]]]:
+    """Each result of a Tune fit with its trial id, its Tune Trial (None when unknown) and the rows it
+    reported, cut to the columns `keep` accepts."""
+    analysis = getattr(results, "_experiment_analysis", None)
+    trials = {t.trial_id: t for t in (getattr(analysis, "trials", None) or [])}
+    for result in results:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or (Path(result.path).name if result.path else "?")
+        df = result.metrics_dataframe
+        history = df[[c for c in df.columns if keep(c)]].to_dict("records") if df is not None and len(df) else []
+        yield result, trial_id, trials.get(trial_id), history

@@ -11,7 +11,7 @@ from typing import Any
 from raytune_qvl.errors import trial_error
 from raytune_qvl.sweep.context import Sweep
 from raytune_qvl.sweep.points import PointResolver
-from raytune_qvl.sweep.records import StageOutcome, TrialRecord, last_value, point_key
+from raytune_qvl.sweep.records import StageOutcome, TrialRecord, last_value, point_key, tune_results
 from raytune_qvl.sweep.search import make_scheduler, make_searcher, max_budget
 from raytune_qvl.sweep.space import SAMPLER_KEY, Stage, grid
 from raytune_qvl.sweep.trial import run_trial, trial_dir
@@ -146,24 +146,12 @@ def unfinished(results: Any) -> bool:
 
 def _records(stage: Stage, results: Any, resolver: PointResolver, metric: str) -> list[TrialRecord]:
     """The stage's Tune results as records: status, value (the last reported metric), budget reached."""
-    analysis = getattr(results, "_experiment_analysis", None)
-    trials = {t.trial_id: t for t in (getattr(analysis, "trials", None) or [])}
     out = []
-    for result in results:
+    kept = ("step", "epoch", "samples_seen", "loss", "eval_loss")
+    for result, trial_id, trial, history in tune_results(results, lambda c: c in kept or c.startswith("eval_")):
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or (Path(result.path).name if result.path else "?")
-        trial = trials.get(trial_id)
         sampled = dict(result.config or {})
         sampler = str(sampled.pop(SAMPLER_KEY, ""))
-        history = []
-        df = result.metrics_dataframe
-        if df is not None and len(df):
-            cols = [
-                c
-                for c in df.columns
-                if c in ("step", "epoch", "samples_seen", "loss", "eval_loss") or c.startswith("eval_")
-            ]
-            history = df[cols].to_dict("records")
         if result.error is not None:
             status = "failed"
             reason = trial_error(trial) if trial is not None else str(result.error).splitlines()[-1][:500]
