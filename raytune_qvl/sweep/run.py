@@ -57,10 +57,11 @@ class SweepResult:
 
 
 def run_sweep(space: SearchSpace, base: Config, *, resume: bool = False, overwrite: bool = False) -> SweepResult:
-    from raytune_qvl.cluster import check_outputs_outside_job_dir, check_storage, ray_session
+    from raytune_qvl.cluster import check_ops_on_workers, check_outputs_outside_job_dir, check_storage, ray_session
     from raytune_qvl.sweep.progress import quiet_trial_errors
     from raytune_qvl.track.runs import log_sweep_start
     from raytune_qvl.track.tracker import check_server, connect
+    from raytune_qvl.train.engine import device_config
     from raytune_qvl.train.preflight import preflight
 
     uri = default_tracking_uri(space.mlflow.tracking_uri)
@@ -77,6 +78,12 @@ def run_sweep(space: SearchSpace, base: Config, *, resume: bool = False, overwri
     pre = preflight(base)  # once per sweep: the trials read the prepared data from the cache
     prep_seconds = time.perf_counter() - prep_started
     _check_feasible(space, base, len(pre.train.items))
+    # DeepSpeed's compiled ops are there or buildable (here; on a cluster's nodes once joined)
+    ops_config, ops_source = (
+        device_config(pre.plan.deepspeed, on_gpu=space.resources.use_gpu)[0],
+        base.paths.deepspeed or space.source,
+    )
+    check_ops_on_workers(ops_config, on_gpu=space.resources.use_gpu, source=ops_source)
     make_dir(space.sweep_dir, space.source, "output_dir")
     tracker = connect(uri, space.experiment)
     if state.parent_run_id:
@@ -111,6 +118,8 @@ def run_sweep(space: SearchSpace, base: Config, *, resume: bool = False, overwri
                 import ray
 
                 check_storage(space.storage_path, shared=space.shared_storage, source=space.source, key="storage_path")
+                if joining:  # the workers' nodes (this machine's were checked before the sweep began)
+                    check_ops_on_workers(ops_config, on_gpu=r.use_gpu, source=ops_source)
                 if joining:
                     resources = ray.cluster_resources()
                     sweep.concurrency = concurrency_for(

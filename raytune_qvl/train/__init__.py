@@ -8,4 +8,5 @@ model.py        Qwen2.5-VL by model_type               lora.py       which modul
 engine.py       DeepSpeed engine, process group        checkpoint.py checkpoints and exact resume
 evaluate.py     generation eval inside the loop        metrics.py    CER, WER, NED, ANLS
 faults.py       fault injection at named steps, for the fault suite
+ops.py          DeepSpeed's compiled ops: needed, prebuilt or buildable here
 """

@@ -69,14 +69,28 @@ def init_distributed(ctx: WorkerContext) -> None:
 
 
 def device_config(ds: dict[str, Any], *, on_gpu: bool) -> tuple[dict[str, Any], list[str]]:
-    """Adapt the filled config to the device. On CPU without optimizer offload, DeepSpeed's
-    fused Adam would be JIT-compiled for nothing: torch's AdamW (same update) is used."""
+    """Adapt the filled config to the device. Without optimizer offload, DeepSpeed's FusedAdam
+    would be JIT-compiled on first use (nvcc matching torch's CUDA on every node, a build lock
+    that concurrent workers contend for; on CPU for nothing): the JSON's Adam/AdamW block runs as
+    torch.optim.AdamW instead, with its lr, betas, eps and weight decay, fused on GPUs (the same
+    update, no compilation). A block that sets `torch_adam` or `fused` itself is left as written.
+    Offload's DeepSpeedCPUAdam is a compiled op too: `ops.check_ops` says before any trial
+    whether this machine has it."""
     out = copy.deepcopy(ds)
     notes = []
     zero = out.get("zero_optimization") or {}
     offload = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
-    if not on_gpu and not offload and str(out.get("optimizer", {}).get("type", "")).lower() in ("adam", "adamw"):
-        out["optimizer"].setdefault("params", {})["torch_adam"] = True
+    optimizer = out.get("optimizer") or {}
+    if offload or str(optimizer.get("type", "")).lower() not in ("adam", "adamw"):
+        return out, notes
+    params = optimizer.setdefault("params", {})
+    if "torch_adam" in params:
+        return out, notes
+    params["torch_adam"] = True
+    if on_gpu:
+        params.setdefault("fused", True)
+        notes.append("GPU: optimizer runs as torch.optim.AdamW(fused=True): no DeepSpeed op to compile")
+    else:
         notes.append("CPU: optimizer runs as torch.optim.AdamW (torch_adam)")
     return out, notes
 

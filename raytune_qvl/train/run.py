@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -106,6 +107,7 @@ def run_training(
     if uri:
         check_server(uri)  # before any data work or worker
     pre = preflight(cfg)
+    _check_ops(cfg, pre)  # this machine's; a joined cluster's nodes are checked once Ray is up
     print(pre.plan.format(), file=sys.stderr)
     for split in (pre.train, pre.eval, pre.test):
         if split is not None and split.audit.kept < split.audit.total:
@@ -134,7 +136,9 @@ def run_training(
 
     def fit() -> dict[str, Any]:
         metrics = (
-            _fit_ray(cfg, resume, on_metrics, launched) if use_ray else _fit_local(cfg, resume, on_metrics, launched)
+            _fit_ray(cfg, pre, resume, on_metrics, launched)
+            if use_ray
+            else _fit_local(cfg, resume, on_metrics, launched)
         )
         if metrics.get("diverged"):
             raise TrainingFailed([f"training diverged: {metrics['diverged']}"])
@@ -150,6 +154,15 @@ def run_training(
     return TrainResult(Path(cfg.output.dir), metrics, run_id, uri, history)
 
 
+def _check_ops(cfg: Config, pre: Any) -> None:
+    """DeepSpeed's compiled ops are there (or buildable) where the workers run, before any starts."""
+    from raytune_qvl.cluster import check_ops_on_workers
+    from raytune_qvl.train.engine import device_config
+
+    ds, _ = device_config(pre.plan.deepspeed, on_gpu=cfg.ray.use_gpu)
+    check_ops_on_workers(ds, on_gpu=cfg.ray.use_gpu, source=cfg.paths.deepspeed or "DeepSpeed config")
+
+
 def _fit_local(
     cfg: Config, resume: str | None, on_metrics: Callable, started_at: float | None = None
 ) -> dict[str, Any]:
@@ -163,7 +176,9 @@ def _fit_local(
     return train(cfg, ctx, LocalReporter(cfg, on_metrics, resume), started_at=started_at)
 
 
-def _fit_ray(cfg: Config, resume: str | None, on_metrics: Callable, started_at: float | None = None) -> dict[str, Any]:
+def _fit_ray(
+    cfg: Config, pre: Any, resume: str | None, on_metrics: Callable, started_at: float | None = None
+) -> dict[str, Any]:
     from ray.util.queue import Empty, Queue
 
     from raytune_qvl.cluster import check_storage, ray_session
@@ -174,6 +189,8 @@ def _fit_ray(cfg: Config, resume: str | None, on_metrics: Callable, started_at: 
     with ray_session(cfg.ray.address, min_cpus=workers * cpus + 1):
         source = cfg.paths.training or "config"
         check_storage(cfg.ray.storage_path, shared=cfg.ray.shared_storage, source=source, key="ray.storage_path")
+        if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+            _check_ops(cfg, pre)
         progress: Queue = Queue()
         trainer = build_trainer(cfg, resume, callbacks=[QueueCallback(progress)], started_at=started_at)
         outcome: dict[str, Any] = {}

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from raytune_qvl.config.schema import Config
+from raytune_qvl.errors import ConfigError, Problem
 from raytune_qvl.train.checkpoint import TrainState, latest_local_checkpoint, load_checkpoint, prune_local_checkpoints
 from raytune_qvl.train.engine import WorkerContext, build_engine, count_nodes, device_config, init_distributed
+from raytune_qvl.train.ops import check_ops
 
 __all__ = ["Reporter", "LocalReporter", "Session", "setup", "seed_everything"]
 
@@ -130,6 +132,10 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
 
     # model (partitioned as it loads under ZeRO-3) + LoRA (or every weight, for full fine-tuning) + DeepSpeed
     ds_config, notes = device_config(plan.deepspeed, on_gpu=ctx.on_gpu)
+    missing = check_ops(ds_config, on_gpu=ctx.on_gpu)  # before minutes of model loading
+    if missing:
+        source = cfg.paths.deepspeed or "DeepSpeed config"
+        raise ConfigError([Problem(source, "optimizer", line, show_value=False) for line in missing])
     model = load_model(cfg, on_gpu=ctx.on_gpu, ds_config=ds_config)
     model = make_trainable(model, t.finetuning_type, cfg.lora)
     if ctx.is_main:

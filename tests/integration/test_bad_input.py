@@ -275,3 +275,25 @@ def test_bad_input(name: str, build: Case, code: int, fragments: list[str], tiny
     # nothing half-written: no run folder, no Ray storage, no sweep folder, no MLflow store
     created = {p.relative_to(tmp_path) for p in tmp_path.rglob("*")} - before
     assert not created, created
+
+
+def test_an_unbuildable_deepspeed_op_stops_the_run_before_any_worker(tiny_assets: Path, tmp_path: Path) -> None:
+    """ZeRO-3 offload needs DeepSpeed's cpu_adam op: on a machine that can neither load a prebuilt
+    one nor compile it (no ninja, no compiler on PATH), the run stops at pre-flight with one line
+    naming the op, what is missing and the fix, and writes nothing."""
+    from conftest import ZERO3
+
+    from raytune_qvl.train.ops import _installed_ops
+
+    if _installed_ops().get("cpu_adam"):
+        pytest.skip("this DeepSpeed install has cpu_adam prebuilt")
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    before = {p.relative_to(tmp_path) for p in tmp_path.rglob("*")}
+    result = run_cli(*_train(tmp_path, ds=ZERO3), env={"PATH": str(empty), "TRANSFORMERS_VERBOSITY": "error"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert "ds_config_zero3_offload.json: optimizer" in lines[0] and "cpu_adam" in lines[0], lines[0]
+    assert "ninja" in lines[0] and "DS_BUILD_CPU_ADAM=1" in lines[0]
+    assert {p.relative_to(tmp_path) for p in tmp_path.rglob("*")} == before

@@ -11,7 +11,7 @@ from raytune_qvl.config.schema import EnvironmentConfig, TrainingConfig
 from raytune_qvl.config.deepspeed import find_autos, fill_deepspeed
 from raytune_qvl.errors import ConfigError
 
-from conftest import ZERO2, ZERO3
+from conftest import SEED_ZERO2, SEED_ZERO3, ZERO2, ZERO3
 
 TRAINING = TrainingConfig(
     per_device_train_batch_size=2, gradient_accumulation_steps=8, learning_rate=2e-4, weight_decay=0.01
@@ -155,3 +155,46 @@ def test_matching_scheduler_keeps_the_json_choices() -> None:
     params = fill_deepspeed(ds, TRAINING, ENV, world_size=1, total_steps=100).config["scheduler"]["params"]
     assert params["cos_min_ratio"] == 0.1 and params["warmup_type"] == "log"
     assert params["total_num_steps"] == 101 and params["warmup_num_steps"] == 5  # 100 planned, see above
+
+
+def _filled(path: Path) -> dict:
+    return fill_deepspeed(json.loads(path.read_text()), TRAINING, ENV, world_size=2, total_steps=100).config
+
+
+def test_gpu_runs_the_json_adamw_as_torch_fused_adamw_with_nothing_to_compile() -> None:
+    """On GPUs the JSON's AdamW block becomes torch's fused AdamW with the block's own numbers
+    (no FusedAdam JIT build); offload keeps DeepSpeedCPUAdam, which is a compiled op."""
+    from raytune_qvl.train.engine import device_config
+    from raytune_qvl.train.ops import required_ops
+
+    zero2 = _filled(SEED_ZERO2)
+    gpu, notes = device_config(zero2, on_gpu=True)
+    params = gpu["optimizer"]["params"]
+    assert params["torch_adam"] is True and params["fused"] is True
+    assert params["betas"] == zero2["optimizer"]["params"]["betas"] and params["lr"] == TRAINING.learning_rate
+    assert params["weight_decay"] == TRAINING.weight_decay and "fused=True" in notes[0]
+    assert required_ops(gpu, on_gpu=True) == []
+    cpu, _ = device_config(zero2, on_gpu=False)
+    assert "fused" not in cpu["optimizer"]["params"] and required_ops(cpu, on_gpu=False) == []
+    # what the JSON sets itself is kept: torch_adam false asks for DeepSpeed's FusedAdam
+    own = json.loads(json.dumps(zero2))
+    own["optimizer"]["params"]["torch_adam"] = False
+    assert required_ops(device_config(own, on_gpu=True)[0], on_gpu=True) == ["fused_adam"]
+    offload, notes = device_config(_filled(SEED_ZERO3), on_gpu=True)
+    assert "torch_adam" not in offload["optimizer"]["params"] and not notes
+    assert required_ops(offload, on_gpu=True) == ["cpu_adam"]
+
+
+def test_an_op_that_cannot_be_built_is_named_with_what_is_missing(tmp_path: Path, monkeypatch) -> None:
+    """No ninja and no compiler on PATH: offload's cpu_adam is reported with both and the fix."""
+    from raytune_qvl.train import ops
+
+    if ops._installed_ops().get("cpu_adam"):
+        pytest.skip("this DeepSpeed install has cpu_adam prebuilt")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    (line,) = ops.check_ops(_filled(SEED_ZERO3), on_gpu=False)
+    assert "cpu_adam" in line and "ninja (pip install ninja)" in line and "C++ compiler" in line
+    assert "DS_BUILD_CPU_ADAM=1" in line
+    monkeypatch.undo()
+    assert ops.check_ops(_filled(SEED_ZERO3), on_gpu=False) == []  # this machine builds it
