@@ -20,7 +20,8 @@ __all__ = [
     "gathered_trainable_state",
     "barrier",
     "all_reduce_sum",
-    "all_reduce_max",
+    "all_reduce_min",
+    "device_sum",
 ]
 
 log = logging.getLogger("raytune_qvl")
@@ -150,19 +151,40 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _reduce(values: list[float], op: str, device: Any) -> list[float]:
+def _stack(values: list[Any], device: Any) -> Any:
+    """Python numbers and device tensors as one float64 tensor on `device`, without reading any
+    tensor back to the host."""
     import torch
+
+    return torch.stack([torch.as_tensor(v, device=device).to(torch.float64).reshape(()) for v in values])
+
+
+def _reduce(values: list[Any], op: str, device: Any) -> list[float]:
+    """One all-reduce of `values` (numbers or 0-d tensors), read back: a host sync."""
     import torch.distributed as dist
 
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    tensor = _stack(values, device)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(tensor, op=ops[op])
     return tensor.tolist()
 
 
-def all_reduce_sum(values: list[float], device: Any) -> list[float]:
+def all_reduce_sum(values: list[Any], device: Any) -> list[float]:
     return _reduce(values, "sum", device)
 
 
-def all_reduce_max(values: list[float], device: Any) -> list[float]:
-    return _reduce(values, "max", device)
+def all_reduce_min(values: list[Any], device: Any) -> list[float]:
+    return _reduce(values, "min", device)
+
+
+def device_sum(value: float, device: Any) -> Any:
+    """The sum over ranks of one number, left on the device as a float32 0-d tensor: no host
+    sync (the CUDA stream is not drained), for values only device code reads."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(float(value), dtype=torch.float32).to(device, non_blocking=True)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor

@@ -25,7 +25,14 @@ from raytune_qvl.data.encode import IGNORE_INDEX
 from raytune_qvl.reports import HELD_KEY, pack
 from raytune_qvl.train import faults
 from raytune_qvl.train.checkpoint import save_checkpoint, save_trained
-from raytune_qvl.train.engine import WorkerContext, all_reduce_max, all_reduce_sum, barrier, gathered_trainable_state
+from raytune_qvl.train.engine import (
+    WorkerContext,
+    all_reduce_min,
+    all_reduce_sum,
+    barrier,
+    device_sum,
+    gathered_trainable_state,
+)
 from raytune_qvl.train.outputs import BEST_DIR, COMPLETE_MARKER, DIVERGED_FILE, FINAL_DIR, replace_dir
 from raytune_qvl.train.session import Reporter, Session, setup
 
@@ -63,7 +70,7 @@ def evaluate_loss(engine: Any, dataset: Any, collator: Any, ctx: WorkerContext, 
     mine = list(range(ctx.rank, n, ctx.world_size))
     per_worker = math.ceil(n / ctx.world_size)
     mine += [-1] * (per_worker - len(mine))  # -1: padding, its labels masked out
-    loss_sum, tokens = 0.0, 0.0
+    loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=engine.device), 0
     engine.eval()
     with torch.no_grad():
         for start in range(0, per_worker, batch_size):
@@ -72,14 +79,14 @@ def evaluate_loss(engine: Any, dataset: Any, collator: Any, ctx: WorkerContext, 
             for sample, i in zip(samples, chunk):
                 if i < 0:
                     sample["labels"] = torch.full_like(sample["labels"], -100)
-            batch = _to_device(collator(samples), engine.device)
-            count = float((batch["labels"][:, 1:] != -100).sum())
-            out = engine(**batch)
+            host = collator(samples)
+            count = token_count(host)  # on the host batch: no device sync per forward
+            out = engine(**_to_device(host, engine.device))
             if count > 0:
-                loss_sum += float(out.loss.float()) * count
+                loss_sum += out.loss.detach().double() * count
                 tokens += count
     engine.train()
-    loss_sum, tokens = all_reduce_sum([loss_sum, tokens], engine.device)
+    loss_sum, tokens = all_reduce_sum([loss_sum, tokens], engine.device)  # the one read-back
     return loss_sum / max(tokens, 1.0)
 
 
@@ -136,15 +143,19 @@ def token_count(batch: dict[str, Any]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def train_window(engine: Any, window: list[dict[str, Any]], tokens: float, world_size: int, nan: bool = False) -> Any:
+def train_window(engine: Any, window: list[dict[str, Any]], tokens: Any, world_size: int, nan: bool = False) -> Any:
     """One optimizer step over its micro-batches, with the loss token-weighted over the whole
     window on every rank: each micro-batch contributes its summed token loss divided by the
     window's token count (`tokens`, all ranks), so how an effective batch is split into micro
     batch x accumulation x workers does not change the step (transformers' num_items_in_batch).
     DeepSpeed divides each backward by the accumulation steps and averages gradients over ranks,
-    hence the divisor tokens / (accumulation x world size). Returns this rank's share of the
-    step's mean token loss, on the device (no host sync)."""
-    per_micro = max(tokens, 1.0) / (len(window) * world_size)
+    hence the divisor tokens / (accumulation x world size). `tokens` is a number or a 0-d device
+    tensor (engine.device_sum: no host sync). Returns this rank's share of the step's mean token
+    loss, on the device."""
+    if isinstance(tokens, (int, float)):
+        per_micro = max(float(tokens), 1.0) / (len(window) * world_size)
+    else:
+        per_micro = tokens.clamp(min=1.0) / (len(window) * world_size)
     share = None
     for batch in window:
         loss = engine(**_to_device(batch, engine.device), num_items_in_batch=per_micro).loss
@@ -158,10 +169,13 @@ def train_window(engine: Any, window: list[dict[str, Any]], tokens: float, world
 
 def run(s: Session) -> dict[str, Any]:
     """The loop: an optimizer step's micro-batches (token-weighted, see train_window), then log /
-    evaluate / checkpoint / report on visible conditions. One all-reduce per optimizer step: the
-    window's token count, whether the previous step's loss was finite, and whether rank 0's
-    reporter takes a log-only report now (every rank reports the same steps; a row that is not
-    due is held and sent with the next report, see reports.py)."""
+    evaluate / checkpoint / report on visible conditions. No host sync on an ordinary step: its one
+    all-reduce (the window's token count) and the check that its loss is finite stay on the device.
+    A row step (the first, a logging, evaluation or save step, the last) reads back once: the log
+    sums, whether any step since the last row step had a non-finite loss on any worker (the run
+    then stops, naming the first such step), and whether rank 0's reporter takes a log-only report
+    now (every rank reports the same steps; a row that is not due is held and sent with the next
+    report, see reports.py)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -172,12 +186,13 @@ def run(s: Session) -> dict[str, Any]:
     metric_name, higher_better = t.metric_for_best_model, cfg.greater_is_better
     output_dir = Path(cfg.output.dir)
     zero = torch.zeros((), device=engine.device)
-    log = {"loss": zero.clone(), "tokens": 0.0, "start": time.perf_counter(), "steps": 0}  # sums for the next log
+    inf = torch.full((), float("inf"), device=engine.device)
+    log = {"loss": zero.clone(), "tokens": 0, "start": time.perf_counter(), "steps": 0}  # sums for the next log
+    check = {"first": inf.clone(), "count": zero.clone(), "lrs": {}}  # loss checks since the last row step
     last_metrics: dict[str, Any] = {}
     inject_nan = faults.nan_fault(cfg)
     injected = faults.Faults(cfg, ctx.rank, ctx.world_size)
     first_step = True
-    previous: tuple[int, float, Any] | None = None  # (step, learning rate, loss share) of the step before
     held: list[dict[str, Any]] = []  # log-only rows not yet reported
 
     if t.eval_on_start and state.global_step == 0 and not s.resumed:
@@ -203,12 +218,9 @@ def run(s: Session) -> dict[str, Any]:
             if len(window) < accum:
                 continue
             lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
-            bad_before = 0.0 if previous is None else (~torch.isfinite(previous[2])).float()
-            due = float(ctx.is_main and s.reporter.due())
-            tokens, bad, due = all_reduce_sum([sum(token_count(b) for b in window), bad_before, due], engine.device)
-            if bad:  # a NaN on any worker stops every worker, naming the step it happened at
-                return _diverged(s, *previous[:2], held)
-            log["tokens"] += sum(float(b["attention_mask"].sum()) for b in window)
+            # the window's token count over every rank stays on the device: no host sync per step
+            tokens = device_sum(sum(token_count(b) for b in window), engine.device)
+            log["tokens"] += sum(int(b["attention_mask"].sum()) for b in window)  # host batches
             share = train_window(engine, window, tokens, ctx.world_size, nan=inject_nan and state.global_step >= 1)
             state.micro_batch += len(window)
             window = []
@@ -218,20 +230,37 @@ def run(s: Session) -> dict[str, Any]:
             log["loss"] += share
             log["steps"] += 1
             step = state.global_step
-            previous = (step, lr, share)
+            # the first step whose loss is not finite, kept on the device until the next row step
+            nonfinite = ~torch.isfinite(share)
+            check["first"] = torch.where(nonfinite & torch.isinf(check["first"]), float(step), check["first"])
+            check["count"] += nonfinite.float()
+            check["lrs"][step] = lr
             last = step == total_steps
             metrics: dict[str, Any] = {}
+            row = (
+                first_step or last or any(step % every == 0 for every in (t.logging_steps, t.eval_steps, t.save_steps))
+            )
+            if state.micro_batch >= s.sampler.micro_batches_per_epoch():
+                state.epoch, state.micro_batch = state.epoch + 1, 0  # the epoch is done
+            if not row:  # nothing to log, evaluate, save or report: no host sync at all
+                injected.after_report(step)
+                continue
+
+            # a row step: one read-back for the log sums, whether any step since the last row step
+            # was not finite on any worker, and whether rank 0's reporter takes a log-only report now
+            due = float(ctx.is_main and s.reporter.due())
+            loss_sum, tokens_seen, due, bad = all_reduce_sum(
+                [log["loss"], log["tokens"], due, check["count"]], engine.device
+            )
+            if bad:  # a NaN on any worker stops every worker, naming the step it first happened at
+                (first,) = all_reduce_min([check["first"]], engine.device)
+                return _diverged(s, int(first), check["lrs"][int(first)], held)
+            check.update(first=inf.clone(), count=zero.clone(), lrs={})
             if first_step:  # how long this process took to get here (launch, workers, data, model, engine)
                 metrics.update(setup_seconds=time.time() - s.started_at, data_prep_seconds=s.data_seconds)
                 first_step = False
 
-            if last:  # the last step's loss is checked here: no window follows it
-                (bad,) = all_reduce_max([(~torch.isfinite(share)).float()], engine.device)
-                if bad:
-                    return _diverged(s, step, lr, held)
-
             if step % t.logging_steps == 0 or last:
-                loss_sum, tokens_seen = all_reduce_sum([log["loss"], log["tokens"]], engine.device)
                 elapsed = max(time.perf_counter() - log["start"], 1e-9)
                 grad_norm = engine.get_global_grad_norm()
                 metrics.update(
@@ -241,7 +270,7 @@ def run(s: Session) -> dict[str, Any]:
                     samples_per_second=log["steps"] * s.plan.effective_batch / elapsed,
                     tokens_per_second=tokens_seen / elapsed,
                 )
-                log.update(loss=zero.clone(), tokens=0.0, start=time.perf_counter(), steps=0)
+                log.update(loss=zero.clone(), tokens=0, start=time.perf_counter(), steps=0)
 
             if step % t.eval_steps == 0 or last:
                 metrics.update(_evaluate(s, last=last))
@@ -253,8 +282,6 @@ def run(s: Session) -> dict[str, Any]:
                     _save_best(s, output_dir / BEST_DIR, step, metric_name, value)
                 log["start"] = time.perf_counter()  # evaluation time is not training throughput
 
-            if state.micro_batch >= s.sampler.micro_batches_per_epoch():
-                state.epoch, state.micro_batch = state.epoch + 1, 0  # the epoch is done
             if metrics or step % t.save_steps == 0:
                 metrics.update(_progress(s))
                 if state.best_metric is not None:
