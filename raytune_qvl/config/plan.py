@@ -14,6 +14,7 @@ from typing import Any
 from raytune_qvl.config import batch_math
 from raytune_qvl.config.deepspeed import fill_deepspeed, first_step_ratio, zero_stage
 from raytune_qvl.config.schema import Config
+from raytune_qvl.config.sizes import OFFLOAD_BYTES_PER_SECOND, Sizes, estimate_sizes, human_bytes
 from raytune_qvl.errors import ConfigError, Problem
 
 __all__ = ["Plan", "make_plan", "count_records", "model_hidden_size", "resolve_attention"]
@@ -87,6 +88,7 @@ class Plan:
     attention: str
     deepspeed: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    sizes: Sizes | None = None  # parameter and checkpoint sizes (None: no config.json at hand)
 
     @property
     def zero_stage(self) -> int:
@@ -101,6 +103,22 @@ class Plan:
             return "no warm-up (the peak rate from the first step)"
         first = first_step_ratio(self.warmup_steps, t.warmup_ratio) * t.learning_rate
         return f"warmup {self.warmup_steps} steps (the first at {first:.3g})"
+
+    def checkpoint_text(self) -> str:
+        """What each checkpoint writes, from the model's architecture (when its config.json is at
+        hand), and how many are kept."""
+        t = self.cfg.training
+        saves = -(-self.total_steps // t.save_steps)
+        cadence = f"every {t.save_steps} steps ({saves} in this run), keep {t.save_total_limit}"
+        if self.sizes is None:
+            return f"{cadence}; sizes unknown until the model's config.json is downloaded"
+        s = self.sizes
+        return (
+            f"{cadence}: engine state {human_bytes(s.checkpoint_bytes)} each "
+            f"({s.trainable / 1e6:.3g}M trained parameters with fp32 master and Adam moments; "
+            f"the adapter alone {human_bytes(s.adapter_bytes)}), up to "
+            f"{human_bytes(s.checkpoint_bytes * min(saves, t.save_total_limit))} on disk"
+        )
 
     @property
     def total_samples(self) -> int:
@@ -148,6 +166,7 @@ class Plan:
                 f"every {c.training.eval_steps} / {c.training.save_steps} steps, keep {c.training.save_total_limit}, "
                 f"best by {c.training.metric_for_best_model} ({'max' if c.greater_is_better else 'min'})",
             ),
+            ("checkpoints", self.checkpoint_text()),
             (
                 "DeepSpeed",
                 f"ZeRO-{self.zero_stage}"
@@ -190,6 +209,7 @@ def make_plan(cfg: Config, num_samples: int | None = None) -> Plan:
         hidden_size=model_hidden_size(cfg.model.name),
         source=cfg.paths.deepspeed or "DeepSpeed config",
     )
+    sizes = estimate_sizes(cfg)
     return Plan(
         cfg=cfg,
         world_size=world,
@@ -202,5 +222,27 @@ def make_plan(cfg: Config, num_samples: int | None = None) -> Plan:
             cfg.model.attn_implementation, on_gpu=cfg.ray.use_gpu, dtype_name=cfg.model.torch_dtype
         ),
         deepspeed=filled.config,
-        notes=filled.notes,
+        notes=filled.notes + _offload_generation_notes(cfg, filled.config, sizes, world),
+        sizes=sizes,
     )
+
+
+def _offload_generation_notes(cfg: Config, ds: dict[str, Any], sizes: Sizes | None, world: int) -> list[str]:
+    """Generation under ZeRO-3 with parameter offload streams the whole model to each GPU for every
+    decoded token: a warning with the time it takes, before the run spends it."""
+    e = cfg.evaluation
+    zero = ds.get("zero_optimization") or {}
+    offloaded = zero.get("stage") == 3 and (zero.get("offload_param") or {}).get("device") in ("cpu", "nvme")
+    if not (offloaded and cfg.ray.use_gpu and e.generation_samples and cfg.data.eval_path and sizes):
+        return []
+    tokens = e.max_new_tokens or 128
+    seconds = sizes.generation_seconds(e.generation_samples, cfg.training.per_device_eval_batch_size, world, tokens)
+    message = (
+        f"generation eval under ZeRO-3 parameter offload streams {human_bytes(sizes.params * sizes.dtype_bytes)} "
+        f"to each GPU per decoded token: about {seconds / 60:.0f} min per generation eval "
+        f"({e.generation_samples} samples, up to {tokens} new tokens, at ~{OFFLOAD_BYTES_PER_SECOND / 1e9:.0f} GB/s); "
+        "lower evaluation.generation_samples or max_new_tokens, raise generation_every, or drop offload_param"
+    )
+    if seconds > 300:
+        _warn_once(message)
+    return [message]

@@ -198,3 +198,32 @@ def test_an_op_that_cannot_be_built_is_named_with_what_is_missing(tmp_path: Path
     assert "DS_BUILD_CPU_ADAM=1" in line
     monkeypatch.undo()
     assert ops.check_ops(_filled(SEED_ZERO3), on_gpu=False) == []  # this machine builds it
+
+
+def test_the_plan_sizes_a_7b_checkpoint_and_warns_of_offloaded_generation(tmp_path: Path) -> None:
+    """From the 7B release's config.json alone: LoRA r=64 on every language projection trains
+    161M parameters, an engine checkpoint writes about 2.3 GB, and generation under ZeRO-3
+    parameter offload on 8 GPUs gets a warning with its time."""
+    from bench.gpu_step import SHAPES
+
+    from raytune_qvl.config.plan import make_plan
+    from raytune_qvl.config.schema import Config, DataConfig, LoraConfig, ModelConfig, RayConfig
+
+    shape = SHAPES["7b"]
+    (tmp_path / "config.json").write_text(
+        json.dumps({"text_config": shape["text"], "vision_config": shape["vision"], "tie_word_embeddings": False})
+    )
+    cfg = Config(
+        model=ModelConfig(name=str(tmp_path), torch_dtype="bfloat16"),
+        data=DataConfig(eval_path=str(tmp_path / "eval.jsonl")),
+        ray=RayConfig(num_workers=8, use_gpu=True),
+        lora=LoraConfig(r=64, lora_alpha=128),
+        deepspeed=json.loads(SEED_ZERO3.read_text()),
+    )
+    plan = make_plan(cfg, num_samples=10_000)
+    assert plan.sizes.trainable == 161_480_704 and 8.2e9 < plan.sizes.params < 8.4e9
+    assert "engine state 2.26 GB each" in plan.format() and "the adapter alone 323 MB" in plan.format()
+    (note,) = [n for n in plan.notes if n.startswith("generation eval under ZeRO-3")]
+    assert "min per generation eval" in note and "evaluation.generation_samples" in note
+    zero2 = make_plan(cfg.model_copy(update={"deepspeed": json.loads(SEED_ZERO2.read_text())}), num_samples=10_000)
+    assert not [n for n in zero2.notes if n.startswith("generation eval")]

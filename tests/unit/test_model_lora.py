@@ -68,6 +68,10 @@ def test_vision_lora_gets_its_own_rank_and_alpha(tiny_assets: Path) -> None:
     parts = trainable_by_part(model)
     assert parts["vision"][0] > 0
     assert parts["lm_head"][0] > 0  # modules_to_save trains it in full
+    # the plan's checkpoint size counts exactly these parameters, from config.json alone
+    from raytune_qvl.config.sizes import estimate_sizes
+
+    assert estimate_sizes(cfg).trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def test_model_class_comes_from_model_type(tiny_assets: Path, tmp_path: Path) -> None:
