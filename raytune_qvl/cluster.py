@@ -13,7 +13,6 @@ __all__ = [
     "ray_session",
     "alive_nodes",
     "check_storage",
-    "check_ops_on_workers",
     "job_working_dir",
     "check_outputs_outside_job_dir",
 ]
@@ -141,40 +140,6 @@ def _nodes_missing(storage_path: str, nodes: list[dict]) -> list[str]:
         return [name for name, ref in checks.items() if not ray.get(ref, timeout=60)]
     finally:
         probe.unlink(missing_ok=True)
-
-
-def check_ops_on_workers(ds_config: dict, *, on_gpu: bool, source: str) -> None:
-    """Before any trial: DeepSpeed's compiled ops this config needs are prebuilt or buildable
-    where the workers run (every alive node that can host one: its GPUs, or its CPUs), checked by
-    a task on each node of a cluster, in this process when Ray runs on this machine alone."""
-    from raytune_qvl.errors import ConfigError, Problem
-    from raytune_qvl.train.ops import check_ops, required_ops
-
-    if not required_ops(ds_config, on_gpu=on_gpu):
-        return
-    import ray
-
-    nodes = alive_nodes() if ray.is_initialized() else []
-    if len(nodes) <= 1:
-        found = {"": check_ops(ds_config, on_gpu=on_gpu)}
-    else:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        remote = ray.remote(num_cpus=0)(check_ops)
-        need = "GPU" if on_gpu else "CPU"
-        refs = {
-            f" on node {node['NodeManagerAddress']}": remote.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-            ).remote(ds_config, on_gpu=on_gpu)
-            for node in nodes
-            if node.get("Resources", {}).get(need, 0) > 0
-        }
-        found = {where: ray.get(ref, timeout=120) for where, ref in refs.items()}
-    problems = [
-        Problem(source, "optimizer", line + where, show_value=False) for where, lines in found.items() for line in lines
-    ]
-    if problems:
-        raise ConfigError(problems)
 
 
 def job_working_dir() -> Path | None:

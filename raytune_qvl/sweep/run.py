@@ -57,7 +57,8 @@ class SweepResult:
 
 
 def run_sweep(space: SearchSpace, base: Config, *, resume: bool = False, overwrite: bool = False) -> SweepResult:
-    from raytune_qvl.cluster import check_ops_on_workers, check_outputs_outside_job_dir, check_storage, ray_session
+    from raytune_qvl.cluster import check_outputs_outside_job_dir, check_storage, ray_session
+    from raytune_qvl.train.ops import check_ops_on_workers
     from raytune_qvl.sweep.progress import quiet_trial_errors
     from raytune_qvl.track.runs import log_sweep_start
     from raytune_qvl.track.tracker import check_server, connect

@@ -2,7 +2,7 @@
 this machine has them prebuilt or can build them. DeepSpeed compiles a missing op on first use
 (JIT, with ninja and a C++ compiler, and nvcc for CUDA ops); on a cluster without them the
 first trial fails minutes in, inside `deepspeed.initialize`. This check runs before any trial,
-where the workers run (see `cluster.check_ops_on_workers`), and imports neither torch nor
+where the workers run (`check_ops_on_workers`), and imports neither torch nor
 DeepSpeed, so it costs nothing."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["required_ops", "missing_ops", "check_ops"]
+__all__ = ["required_ops", "missing_ops", "check_ops", "check_ops_on_workers"]
 
 # op name -> (what needs it, whether it is a CUDA op needing nvcc, its DS_BUILD_ variable)
 _OPS = {
@@ -104,3 +104,37 @@ def missing_ops(ops: list[str]) -> list[str]:
 def check_ops(ds: dict[str, Any], *, on_gpu: bool) -> list[str]:
     """`missing_ops` of what this config needs (an empty list: nothing to build, or buildable)."""
     return missing_ops(required_ops(ds, on_gpu=on_gpu))
+
+
+def check_ops_on_workers(ds_config: dict, *, on_gpu: bool, source: str) -> None:
+    """Before any trial: DeepSpeed's compiled ops this config needs are prebuilt or buildable
+    where the workers run (every alive node that can host one: its GPUs, or its CPUs), checked by
+    a task on each node of a cluster, in this process when Ray runs on this machine alone."""
+    from raytune_qvl.cluster import alive_nodes
+    from raytune_qvl.errors import ConfigError, Problem
+
+    if not required_ops(ds_config, on_gpu=on_gpu):
+        return
+    import ray
+
+    nodes = alive_nodes() if ray.is_initialized() else []
+    if len(nodes) <= 1:
+        found = {"": check_ops(ds_config, on_gpu=on_gpu)}
+    else:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        remote = ray.remote(num_cpus=0)(check_ops)
+        need = "GPU" if on_gpu else "CPU"
+        refs = {
+            f" on node {node['NodeManagerAddress']}": remote.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+            ).remote(ds_config, on_gpu=on_gpu)
+            for node in nodes
+            if node.get("Resources", {}).get(need, 0) > 0
+        }
+        found = {where: ray.get(ref, timeout=120) for where, ref in refs.items()}
+    problems = [
+        Problem(source, "optimizer", line + where, show_value=False) for where, lines in found.items() for line in lines
+    ]
+    if problems:
+        raise ConfigError(problems)

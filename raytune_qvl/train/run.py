@@ -156,7 +156,7 @@ def run_training(
 
 def _check_ops(cfg: Config, pre: Any) -> None:
     """DeepSpeed's compiled ops are there (or buildable) where the workers run, before any starts."""
-    from raytune_qvl.cluster import check_ops_on_workers
+    from raytune_qvl.train.ops import check_ops_on_workers
     from raytune_qvl.train.engine import device_config
 
     ds, _ = device_config(pre.plan.deepspeed, on_gpu=cfg.ray.use_gpu)
