@@ -16,7 +16,7 @@ from raytune_qvl.errors import trial_error
 from raytune_qvl.sweep.context import Sweep
 from raytune_qvl.sweep.records import TrialRecord, last_value, rank, tune_results
 from raytune_qvl.sweep.space import CONFIRM_KEY
-from raytune_qvl.sweep.trial import run_trial, trial_dir
+from raytune_qvl.sweep.trial import FetchOutputs, run_trial, train_storage, trial_dir
 
 __all__ = ["CONFIRM_STAGE", "Confirmed", "run_confirmation", "confirmed"]
 
@@ -71,6 +71,7 @@ def candidates(sweep: Sweep) -> list[TrialRecord]:
 
 def run_confirmation(sweep: Sweep, *, restore: bool) -> list[TrialRecord]:
     """Train every candidate `confirm.seeds` more times (FIFO: full budgets), as one Tune experiment."""
+    import ray
     from ray import tune
 
     from raytune_qvl.sweep.progress import SweepProgress
@@ -86,6 +87,7 @@ def run_confirmation(sweep: Sweep, *, restore: bool) -> list[TrialRecord]:
         "lr_batch": None,
         "num_samples": sweep.num_samples,
         "sweep_dir": str(sweep.dir.absolute()),
+        "driver_node": ray.get_runtime_context().get_node_id(),  # where trial outputs are read
     }
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": 1})
     if restore and tune.Tuner.can_restore(experiment):
@@ -110,7 +112,7 @@ def run_confirmation(sweep: Sweep, *, restore: bool) -> list[TrialRecord]:
             run_config=tune.RunConfig(
                 name=CONFIRM_STAGE,
                 storage_path=space.tune_storage,
-                callbacks=[tracking, progress],
+                callbacks=[FetchOutputs(train_storage(space), str(sweep.dir.absolute())), tracking, progress],
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                 verbose=0,
             ),

@@ -14,7 +14,7 @@ from raytune_qvl.sweep.points import PointResolver
 from raytune_qvl.sweep.records import StageOutcome, TrialRecord, last_value, point_key, tune_results
 from raytune_qvl.sweep.search import make_scheduler, make_searcher, max_budget
 from raytune_qvl.sweep.space import SAMPLER_KEY, Stage, grid
-from raytune_qvl.sweep.trial import run_trial, trial_dir
+from raytune_qvl.sweep.trial import FetchOutputs, run_trial, train_storage, trial_dir
 
 __all__ = ["run_stage", "InterruptWatch", "unfinished"]
 
@@ -24,6 +24,7 @@ def run_stage(
 ) -> StageOutcome:
     """Run the stage (or, with `restore`, continue its interrupted Tune experiment) and return its
     trials as records."""
+    import ray
     from ray import tune
 
     from raytune_qvl.sweep.progress import SweepProgress
@@ -47,6 +48,7 @@ def run_stage(
         "lr_batch": lr_batch,
         "num_samples": sweep.num_samples,
         "sweep_dir": str(sweep.dir.absolute()),
+        "driver_node": ray.get_runtime_context().get_node_id(),  # where trial outputs are read
         "eval_on_start": stage.index == 1,  # the first stage also measures the model before fine-tuning
     }
     trainable = tune.with_parameters(run_trial, context=context)
@@ -74,7 +76,8 @@ def run_stage(
         )
         scheduler = make_scheduler(space, stage, max_budget(space, base, stage, fixed, sweep.num_samples))
         progress = SweepProgress(stage.label, space.metric, resolver.overrides)
-        tuner = _tuner(trainable, stage, sweep, searcher, scheduler, [tracking, progress])
+        fetch = FetchOutputs(train_storage(space), str(sweep.dir.absolute()))
+        tuner = _tuner(trainable, stage, sweep, searcher, scheduler, [fetch, tracking, progress])
 
     watch = InterruptWatch()
     results = watch.run(tuner.fit)

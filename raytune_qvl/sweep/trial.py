@@ -3,10 +3,15 @@ its sampled point and reports through TuneReportCallback (rank 0's metrics reach
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrialFailed", "run_trial", "trial_dir", "train_storage", "is_transient"]
+from ray.tune import Callback
+
+__all__ = ["TrialFailed", "run_trial", "trial_dir", "train_storage", "is_transient", "FetchOutputs"]
+
+log = logging.getLogger("raytune_qvl")
 
 # what a run that failed for no fault of its point dies of: a lost worker or node, memory, start-up
 _TRANSIENT = (
@@ -47,6 +52,36 @@ def train_storage(space: Any) -> str:
     return f"{space.tune_storage}/trials"
 
 
+class FetchOutputs(Callback):
+    """On the driver: when a trial finishes, the outputs its rank 0 shipped from another node
+    (final/, best/ with its predictions; see train/outputs.py) come into the trial's folder here,
+    before the tracking callback after it logs them. Nothing to do when rank 0 ran on this node."""
+
+    def __init__(self, storage: str, sweep_dir: str):
+        self.storage, self.sweep_dir = storage, sweep_dir
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        fetch_trial_outputs(self.storage, self.sweep_dir, trial.trial_id, trial.last_result or {})
+
+
+def fetch_trial_outputs(storage: str, sweep_dir: str, trial_id: str, last: dict[str, Any]) -> list[str]:
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+    from raytune_qvl.train.outputs import checkpoint_in, fetch_outputs
+
+    path = last.get(CHECKPOINT_PATH_KEY)
+    if not (last.get("finished") and path):
+        return []
+    try:
+        fetched = fetch_outputs(checkpoint_in(storage, path), Path(trial_dir(sweep_dir, trial_id)))
+    except Exception as exc:  # noqa: BLE001 - one trial's outputs must not fail the sweep
+        log.warning("outputs of trial %s not fetched from %s: %s", trial_id, path, exc)
+        return []
+    if fetched:
+        log.info("trial %s: %s fetched from rank 0's node through storage_path", trial_id, ", ".join(fetched))
+    return fetched
+
+
 def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     """Tune function trainable. `config` is the sampled part of the point; `context` holds the
     base config, the search space, the values fixed by earlier stages and the data size."""
@@ -81,7 +116,13 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     )
     for attempt in (1, 2):
         trainer = build_trainer(
-            cfg, None, callbacks=[TuneReportCallback()], name=trial_id, storage_path=train_storage(space), verbose=False
+            cfg,
+            None,
+            callbacks=[TuneReportCallback()],
+            name=trial_id,
+            storage_path=train_storage(space),
+            verbose=False,
+            driver_node=context.get("driver_node"),
         )
         try:
             result = trainer.fit()

@@ -33,7 +33,7 @@ from raytune_qvl.train.engine import (
     device_sum,
     gathered_trainable_state,
 )
-from raytune_qvl.train.outputs import BEST_DIR, COMPLETE_MARKER, DIVERGED_FILE, FINAL_DIR, replace_dir
+from raytune_qvl.train.outputs import BEST_DIR, COMPLETE_MARKER, DIVERGED_FILE, FINAL_DIR, replace_dir, ship_outputs
 from raytune_qvl.train.session import Reporter, Session, setup
 
 __all__ = ["train", "run", "train_window", "token_count", "evaluate_loss"]
@@ -136,6 +136,24 @@ def _progress(s: Session) -> dict[str, Any]:
         "start_step": s.start_step,  # > 0 after a resume or a worker restart
         "num_nodes": s.num_nodes,
     }
+
+
+def _peak_memory(s: Session) -> dict[str, Any]:
+    """The run's peak memory per worker, at its end: host RSS (the largest and smallest over the
+    workers, GiB) and, on GPUs, the largest peak of allocated device memory."""
+    import resource
+
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    values = [-rss, rss]
+    if s.ctx.on_gpu:
+        values.append(-torch.cuda.max_memory_allocated() / 2**30)
+    reduced = all_reduce_min(values, s.engine.device)
+    peaks = {"peak_host_rss_gb_max": -reduced[0], "peak_host_rss_gb_min": reduced[1]}
+    if s.ctx.on_gpu:
+        peaks["peak_gpu_memory_gb_max"] = -reduced[2]
+    return peaks
 
 
 def token_count(batch: dict[str, Any]) -> int:
@@ -287,12 +305,15 @@ def run(s: Session) -> dict[str, Any]:
                 if state.best_metric is not None:
                     metrics[f"best_{metric_name}"] = state.best_metric
                 if last:  # the final adapter is on disk before the report that says the run finished
+                    metrics.update(_peak_memory(s))
                     _save_final(s, output_dir / FINAL_DIR, {**last_metrics, **metrics})
                 report = {**metrics, "finished": last}
                 if step % t.save_steps == 0 or last:
                     report[HELD_KEY], held = pack(held), []
                     with gathered_trainable_state(engine) as trained, _staging(f"checkpoint-{step:06d}") as folder:
                         save_checkpoint(engine, folder, state, rank=ctx.rank, trained=trained)
+                        if last and ctx.is_main and s.reporter.ships_outputs:
+                            ship_outputs(output_dir, folder)
                         s.reporter.report(report, folder)
                 elif due or any(k.startswith("eval_") for k in metrics):
                     report[HELD_KEY], held = pack(held), []

@@ -7,6 +7,10 @@ redone; the previous MLflow run of a resumed one).
       best/                     the adapter at the best evaluation so far, with its predictions.json
       checkpoints/              --no-ray runs' checkpoints (Ray runs keep theirs under ray.storage_path)
       .raytune_qvl_run.json     the MLflow run of this folder, for resumes
+
+On a cluster, rank 0 writes final/ and best/ on its own node. When that is not the driver's node,
+it also puts them in the run's last checkpoint (outputs/, through storage_path, which every node
+shares) and the driver fetches them into its own output folder: output.dir need not be shared.
 """
 
 from __future__ import annotations
@@ -29,7 +33,11 @@ __all__ = [
     "DIVERGED_FILE",
     "RUN_FILE",
     "PREDICTIONS_FILE",
+    "OUTPUTS_DIR",
     "replace_dir",
+    "ship_outputs",
+    "fetch_outputs",
+    "checkpoint_in",
     "writable_dir_problem",
     "make_dir",
     "ray_run_name",
@@ -45,6 +53,7 @@ COMPLETE_MARKER = "training_complete.json"
 DIVERGED_FILE = "diverged.json"  # in the checkpoint reported when the loss became NaN
 RUN_FILE = ".raytune_qvl_run.json"  # the MLflow run id of this output folder, for resumes
 PREDICTIONS_FILE = "predictions.json"  # in best/: the generation eval behind the best adapter
+OUTPUTS_DIR = "outputs"  # in a run's last checkpoint: final/ and best/ from a node other than the driver's
 
 
 def replace_dir(target: Path, write: Callable[[Path], None]) -> None:
@@ -55,6 +64,47 @@ def replace_dir(target: Path, write: Callable[[Path], None]) -> None:
     write(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
+
+
+def ship_outputs(output_dir: Path, checkpoint: Path) -> None:
+    """Rank 0, at the last step: final/ and best/ into the checkpoint it reports."""
+    for name in (FINAL_DIR, BEST_DIR):
+        if (output_dir / name).is_dir():
+            shutil.copytree(output_dir / name, checkpoint / OUTPUTS_DIR / name)
+
+
+def fetch_outputs(checkpoint: Any, output_dir: Path) -> list[str]:
+    """On the driver: the outputs a remote rank 0 shipped in `checkpoint` (a Ray Train
+    Checkpoint, on any storage) into `output_dir`, each folder swapped in whole. Only outputs/
+    is downloaded, not the engine state. Returns the folders fetched (none when rank 0 ran here)."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    if checkpoint is None:
+        return []
+    path = f"{checkpoint.path.rstrip('/')}/{OUTPUTS_DIR}"
+    if checkpoint.filesystem.get_file_info(path).type != pyarrow.fs.FileType.Directory:
+        return []
+    with tempfile.TemporaryDirectory(prefix="raytune_qvl-outputs-") as tmp:
+        Checkpoint(path, filesystem=checkpoint.filesystem).to_directory(tmp)
+        fetched = []
+        for name in (FINAL_DIR, BEST_DIR):
+            if (Path(tmp) / name).is_dir():
+                replace_dir(
+                    output_dir / name, lambda dst, src=Path(tmp) / name: shutil.copytree(src, dst, dirs_exist_ok=True)
+                )
+                fetched.append(name)
+    return fetched
+
+
+def checkpoint_in(storage_path: str, path: str) -> Any:
+    """A Ray Train Checkpoint from the path Tune reports (`checkpoint_path`: without the URI's
+    scheme) in the storage it was written to."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    fs = pyarrow.fs.FileSystem.from_uri(storage_path)[0] if "://" in storage_path else pyarrow.fs.LocalFileSystem()
+    return Checkpoint(path, filesystem=fs)
 
 
 def writable_dir_problem(path: Path) -> str | None:

@@ -24,6 +24,7 @@ from raytune_qvl.train.outputs import (
     PREDICTIONS_FILE,
     RUN_FILE,
     check_output,
+    fetch_outputs,
     make_output,
     ray_run_name,
     training_fingerprint,
@@ -214,4 +215,7 @@ def _fit_ray(
         thread.join()
         if "error" in outcome:
             raise TrainingFailed([f"training failed: {worker_error(outcome['error'])}"])
+        fetched = fetch_outputs(outcome["result"].checkpoint, Path(cfg.output.dir))
+        if fetched:
+            log.info("%s fetched from rank 0's node through %s", ", ".join(fetched), cfg.ray.storage_path)
         return last

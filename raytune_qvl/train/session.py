@@ -27,6 +27,10 @@ log = logging.getLogger("raytune_qvl")
 class Reporter(Protocol):
     """Where metrics and checkpoints go: Ray Train (worker.py) or a local folder."""
 
+    # rank 0 runs on another node than the driver: the outputs it writes (final/, best/) travel
+    # in the last checkpoint through storage_path, and the driver fetches them (outputs.py)
+    ships_outputs: bool
+
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None: ...
 
     def due(self) -> bool:
@@ -40,6 +44,8 @@ class Reporter(Protocol):
 class LocalReporter:
     """One process, no Ray: checkpoints under <output.dir>/checkpoints, the newest kept
     `save_total_limit`; metrics to a callback (the CLI's progress and MLflow)."""
+
+    ships_outputs = False  # the driver is this process
 
     def __init__(self, cfg: Config, on_metrics: Any = None, resume_from: str | None = None):
         self.root = Path(cfg.output.dir) / "checkpoints"

@@ -34,9 +34,13 @@ def build_trainer(
     storage_path: str | None = None,
     verbose: bool = True,
     started_at: float | None = None,
+    driver_node: str | None = None,
 ) -> Any:
     """The TorchTrainer of one run: the worker count, devices and failure handling from the
-    config; checkpoints kept by recency (the best adapter is kept aside by the loop)."""
+    config; checkpoints kept by recency (the best adapter is kept aside by the loop).
+    `driver_node`: the Ray node of the process that reads the run's outputs (default this one);
+    a rank 0 elsewhere sends them through storage_path."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
@@ -50,6 +54,7 @@ def build_trainer(
         "resume": resume,
         "verbose": verbose,
         "started_at": started_at or time.time(),
+        "driver_node": driver_node or ray.get_runtime_context().get_node_id(),
     }
     return TorchTrainer(
         train_loop_per_worker=_entry,

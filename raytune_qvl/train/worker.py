@@ -47,8 +47,9 @@ def report_interval() -> float:
 
 
 class RayReporter:
-    def __init__(self, explicit_resume: str | None):
+    def __init__(self, explicit_resume: str | None, ships_outputs: bool = False):
         self.explicit_resume = explicit_resume
+        self.ships_outputs = ships_outputs
         self._download: Path | None = None
         self._interval = report_interval()
         self._last = float("-inf")
@@ -105,4 +106,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from ray.train.torch import get_device
 
         torch.cuda.set_device(get_device())
-    train(cfg, ctx, RayReporter(config.get("resume")), started_at=config.get("started_at"))
+    driver_node = config.get("driver_node")
+    reporter = RayReporter(config.get("resume"), ships_outputs=bool(driver_node) and ctx.node != driver_node)
+    train(cfg, ctx, reporter, started_at=config.get("started_at"))
