@@ -11,6 +11,11 @@ environment variables that reach every Ray worker (the trainer passes RAYTUNE_QV
         reader of its output runs
     RAYTUNE_QVL_FAULT_KILL="STEP[,STEP...]" | "section.key=value@STEP[,STEP...]"
         the last worker kills itself (SIGKILL) right after optimizer step STEP (and its report)
+    RAYTUNE_QVL_FAULT_CHAOS="SEED[:KILLS]"
+        chaos in the spirit of Ray's node-kill release tests, without a timer: every run draws
+        KILLS (default 1) distinct steps before its last and, for each, the worker that kills
+        itself (SIGKILL) after it, from SEED and the run's training config, so that a point of
+        a sweep is killed at the same steps in every rerun (`chaos_kills`)
 
 A spec that names a config value applies only to runs (trials) with that value. Each pause and
 kill happens once per run: a marker in <output.dir>/.faults/ remembers it, so the run resumed
@@ -19,7 +24,10 @@ after it (a restarted worker group, a rerun of the same command) goes on.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import random
 import signal
 import sys
 import time
@@ -27,12 +35,23 @@ from pathlib import Path
 
 from raytune_qvl.config.overrides import flatten
 from raytune_qvl.config.schema import Config
+from raytune_qvl.train.outputs import training_fingerprint
 
-__all__ = ["FAULT_NAN_ENV", "FAULT_PAUSE_ENV", "FAULT_KILL_ENV", "PAUSED_MESSAGE", "nan_fault", "Faults"]
+__all__ = [
+    "FAULT_NAN_ENV",
+    "FAULT_PAUSE_ENV",
+    "FAULT_KILL_ENV",
+    "FAULT_CHAOS_ENV",
+    "PAUSED_MESSAGE",
+    "nan_fault",
+    "chaos_kills",
+    "Faults",
+]
 
 FAULT_NAN_ENV = "RAYTUNE_QVL_FAULT_NAN"
 FAULT_PAUSE_ENV = "RAYTUNE_QVL_FAULT_PAUSE"
 FAULT_KILL_ENV = "RAYTUNE_QVL_FAULT_KILL"
+FAULT_CHAOS_ENV = "RAYTUNE_QVL_FAULT_CHAOS"
 PAUSED_MESSAGE = "fault injection: paused at optimizer step"
 
 
@@ -61,14 +80,27 @@ def _steps(cfg: Config, env: str) -> set[int]:
     return {int(s) for s in steps.split(",") if s.strip()}
 
 
+def chaos_kills(cfg: Config, total_steps: int, world_size: int) -> dict[int, int]:
+    """Step -> the rank that kills itself after it, for this run under RAYTUNE_QVL_FAULT_CHAOS."""
+    spec = os.environ.get(FAULT_CHAOS_ENV)
+    if not spec or total_steps < 2:
+        return {}
+    seed, _, kills = spec.partition(":")
+    training = json.dumps(training_fingerprint(cfg), sort_keys=True)  # what it trains, not where it writes
+    rng = random.Random(hashlib.sha256(f"{seed}|{training}".encode()).hexdigest())
+    steps = rng.sample(range(1, total_steps), min(int(kills or 1), total_steps - 1))
+    return {step: rng.randrange(world_size) for step in sorted(steps)}
+
+
 class Faults:
     """The pauses and kills planned for this worker of this run."""
 
-    def __init__(self, cfg: Config, rank: int, world_size: int):
+    def __init__(self, cfg: Config, rank: int, world_size: int, total_steps: int = 0):
         self.rank, self.world_size = rank, world_size
         self.folder = Path(cfg.output.dir) / ".faults"
         self.pauses = _steps(cfg, FAULT_PAUSE_ENV)
         self.kills = _steps(cfg, FAULT_KILL_ENV) if rank == world_size - 1 else set()
+        self.kills |= {step for step, who in chaos_kills(cfg, total_steps, world_size).items() if who == rank}
 
     def _first_time(self, kind: str, step: int) -> bool:
         """True once per run for this kind, step and rank (the marker is made here)."""

@@ -209,7 +209,7 @@ def run(s: Session) -> dict[str, Any]:
     check = {"first": inf.clone(), "count": zero.clone(), "lrs": {}}  # loss checks since the last row step
     last_metrics: dict[str, Any] = {}
     inject_nan = faults.nan_fault(cfg)
-    injected = faults.Faults(cfg, ctx.rank, ctx.world_size)
+    injected = faults.Faults(cfg, ctx.rank, ctx.world_size, total_steps)
     first_step = True
     held: list[dict[str, Any]] = []  # log-only rows not yet reported
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,3 +194,60 @@ def test_staged_sweep_with_a_failure_an_interrupt_and_a_resume(tiny_assets: Path
     assert not list((tmp_path / "ray" / "itest" / "trials").glob("*/checkpoint-*"))
     finals = [p for p in (tmp_path / "sweeps" / "itest" / "trials").glob("*/final") if p.is_dir()]
     assert len(finals) == 2
+
+
+def test_a_sweep_whose_workers_are_killed_finishes_every_planned_trial_at_its_last_step(
+    tiny_assets: Path, tmp_path: Path
+) -> None:
+    """Chaos in the spirit of Ray's node-kill release test, at seeded steps instead of a timer: in
+    a 6-trial sweep every trial's worker is SIGKILLed once, after a step drawn from the seed and
+    the trial's config; Ray Train restarts it from its last checkpoint. The sweep ends with
+    exactly the 6 planned trials, each completed at its planned last step."""
+    from conftest import tiny_space
+
+    forms, data = ROOT / ".assets" / "data" / "forms", tmp_path / "data"  # 96 training and 16 eval records
+    (data / "images").mkdir(parents=True)
+    for split, n in (("train", 96), ("eval", 16)):
+        lines = (forms / f"{split}.jsonl").read_text().splitlines(keepends=True)[:n]
+        (data / f"{split}.jsonl").write_text("".join(lines))
+        for line in lines:
+            image = json.loads(line)["image"]
+            shutil.copy(forms / image, data / image)
+    space = tiny_space(
+        tmp_path,
+        "chaos",
+        config_overrides={
+            "data.train_path": str(data / "train.jsonl"),
+            "data.eval_path": str(data / "eval.jsonl"),
+            "training.num_epochs": 1,
+            "training.per_device_train_batch_size": 4,
+            "training.gradient_accumulation_steps": 2,
+            "evaluation.generation_samples": 0,
+        },
+        strategy="joint",
+        joint_trials=6,
+        parameters={"training.learning_rate": {"choices": [3e-4, 1e-3, 3e-3]}, "lora.r": {"choices": [4, 8]}},
+        trials_per_stage=6,
+        metric="eval_loss",
+        evals_per_epoch=2,
+        asha={"enabled": False},
+        keep_best_adapters=6,
+        resources={"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2},
+    )
+    env = {**os.environ, "RAYTUNE_QVL_FAULT_CHAOS": "7:1"}
+    result = run_cli("raytune_qvl.sweep", str(space), env=env, timeout=1500)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    sweep = tmp_path / "sweeps" / "chaos"
+    trials = [t for t in json.loads((sweep / "sweep_state.json").read_text())["trials"] if t["status"] != "reused"]
+    assert len(trials) == 6 and all(t["status"] == "completed" for t in trials), [
+        (t["trial_id"], t["status"], t["reason"]) for t in trials
+    ]
+    assert len({json.dumps(t["overrides"], sort_keys=True) for t in trials}) == 6
+    for t in trials:
+        folder = sweep / "trials" / t["trial_id"]
+        complete = json.loads((folder / "final" / "training_complete.json").read_text())
+        total = complete["total_steps"]
+        assert total == 96 // 8 and complete["step"] == total, complete
+        assert t["history"][-1]["step"] == total
+        (kill,) = [p.name for p in (folder / ".faults").glob("kill-*")]  # it was killed, once
+        assert 1 <= int(kill.split("-")[1]) < total, kill
