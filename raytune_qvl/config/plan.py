@@ -109,7 +109,11 @@ class Plan:
         hand), and how many are kept."""
         t = self.cfg.training
         saves = -(-self.total_steps // t.save_steps)
-        cadence = f"every {t.save_steps} steps ({saves} in this run), keep {t.save_total_limit}"
+        cadence = (
+            f"every {t.save_steps} steps ({saves} in this run), keep {t.save_total_limit}"
+            if t.save_steps < self.total_steps
+            else "at the last step only"
+        )
         if self.sizes is None:
             return f"{cadence}; sizes unknown until the model's config.json is downloaded"
         s = self.sizes
@@ -163,7 +167,9 @@ class Plan:
             ),
             (
                 "evaluate / save",
-                f"every {c.training.eval_steps} / {c.training.save_steps} steps, keep {c.training.save_total_limit}, "
+                f"every {c.training.eval_steps} / "
+                + (f"{c.training.save_steps} steps" if c.training.save_steps < self.total_steps else "the last step")
+                + f", keep {c.training.save_total_limit}, "
                 f"best by {c.training.metric_for_best_model} ({'max' if c.greater_is_better else 'min'})",
             ),
             ("checkpoints", self.checkpoint_text()),

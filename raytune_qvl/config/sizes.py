@@ -25,7 +25,10 @@ def model_dims(name: str) -> dict[str, Any] | None:
             from huggingface_hub import try_to_load_from_cache
         except ImportError:
             return None
-        cached = try_to_load_from_cache(name, "config.json")
+        try:
+            cached = try_to_load_from_cache(name, "config.json")
+        except ValueError:  # not a hub id (a local folder that is not there)
+            return None
         if not isinstance(cached, str):
             return None
         path = Path(cached)

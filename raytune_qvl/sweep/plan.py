@@ -105,6 +105,7 @@ def dry_run(space: SearchSpace, base: Config) -> str:
                 else " (not scaled: joint search or rule none)"
             )
             lines.append(f"    batch {int(b):>5}: accumulation {accum:>3}, lr {scaled}{note}{rule}")
+    lines.append("  " + _checkpoints_text(space, base))
     lines.append(f"  output: {space.sweep_dir.absolute()}  storage: {space.storage_path}")
     return "\n".join(lines)
 
@@ -162,3 +163,23 @@ def early_stopping(space: SearchSpace, stage: Stage) -> bool:
     at any rung a longer cosine schedule is still at a high learning rate while a shorter one has
     decayed, so ASHA would stop the long schedules for being mid-way, not for being worse."""
     return space.asha.enabled and not (space.strategy == "staged" and EPOCHS_KEY in stage.params)
+
+
+def _checkpoints_text(space: SearchSpace, base: Config) -> str:
+    """What each trial writes: engine checkpoints at the space's cadence (with their size, from the
+    model's config.json when it is at hand) and the adapters kept after the sweep."""
+    from raytune_qvl.config.sizes import estimate_sizes, human_bytes
+
+    every = space.checkpoint_every
+    cadence = (
+        f"engine checkpoints every {every} evaluation{'s' if every > 1 else ''} and at the last step"
+        if every
+        else "an engine checkpoint at the last step only (checkpoint_every 0: a restarted trial starts over)"
+    )
+    sizes = estimate_sizes(base)  # the base config holds the starting point
+    size = ""
+    if sizes is not None:
+        size = f", {human_bytes(sizes.checkpoint_bytes)} each at the starting point"
+        size += f" (the adapter alone {human_bytes(sizes.adapter_bytes)})"
+    keep = f"keep {base.training.save_total_limit} per trial, deleted when its stage ends"
+    return f"per trial: {cadence}{size}; {keep}; adapters kept for the best {space.keep_best_adapters}"

@@ -28,6 +28,9 @@ __all__ = [
     "PointResolver",
 ]
 
+# training.save_steps of a trial without engine checkpoints before its last step (which always has one)
+NO_CHECKPOINTS = 2**31 - 1
+
 
 def point_overrides(space: SearchSpace, base: Config, point: Mapping[str, Any], lr_batch: int | None) -> dict[str, Any]:
     """Config overrides (section.key: value) for a full point of the search.
@@ -93,7 +96,7 @@ def trial_config(
             "training.metric_for_best_model": space.metric,
             "training.greater_is_better": space.mode == "max",
             "training.eval_steps": eval_steps,
-            "training.save_steps": eval_steps,
+            "training.save_steps": eval_steps * space.checkpoint_every if space.checkpoint_every else NO_CHECKPOINTS,
             "training.logging_steps": min(base.training.logging_steps, eval_steps),
             "training.eval_on_start": eval_on_start or base.training.eval_on_start,
         }

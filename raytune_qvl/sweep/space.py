@@ -128,6 +128,9 @@ class SearchSpace(_Strict):
     lora_alpha_ratio: float = Field(2.0, gt=0)  # lora_alpha = ratio x r
     lr_scaling: LrScaling = LrScaling()
     evals_per_epoch: float = Field(4.0, gt=0)  # evaluations (ASHA decision points) per epoch
+    # evaluations between a trial's engine checkpoints, which a restarted worker group or a resumed
+    # sweep continues from (0: none before its last step; a restarted trial starts over)
+    checkpoint_every: int = Field(1, ge=0)
     asha: Asha = Asha()
     resources: Resources = Resources()
     mlflow: Mlflow = Mlflow()

@@ -217,3 +217,19 @@ def test_a_malformed_override_is_one_clear_error(text: str) -> None:
 def test_a_stage_label_names_its_parameter() -> None:
     assert Stage(3, "effective_batch", {}, 2).label == "stage3-effective_batch"
     assert Stage(1, "training.learning_rate", {}, 4).label == "stage1-training_learning_rate"
+
+
+@pytest.mark.parametrize("every, save_steps", [(1, 6), (3, 18), (0, None)])
+def test_a_trials_engine_checkpoints_follow_checkpoint_every(tiny_space, every: int, save_steps: int | None) -> None:
+    from raytune_qvl.config.plan import make_plan
+    from raytune_qvl.sweep.points import trial_config
+
+    space, base = tiny_space
+    space = space.model_copy(update={"checkpoint_every": every})
+    cfg = trial_config(space, base, {}, 16, "/tmp/trial", eval_steps=6)
+    assert cfg.training.eval_steps == 6
+    if save_steps is not None:
+        assert cfg.training.save_steps == save_steps
+    else:  # none before the last step, which always has one
+        assert cfg.training.save_steps > 10**6
+        assert "at the last step only" in make_plan(cfg, 256).checkpoint_text()
