@@ -7,9 +7,11 @@
 3. search efficiency on the demo's target (forms, eval CER): the staged sweep (3 sweep seeds) against
    the exhaustive learning rate x rank grid (the starting point's budget, no early stopping) and
    random search given the sweep's compute, each winner confirmed with a seed and scored on test;
-4. scaling: sweep wall time for 4, 8 and 16 trials at concurrency 1 and 2.
+4. scaling: sweep wall time for 4, 8 and 16 trials at concurrency 1 and 2;
+5. memory: peak host RSS per worker of a 2-worker run of a mid-size random Qwen2.5-VL (about
+   370M parameters, fp32) under ZeRO-2 against ZeRO-3 (+ CPU offload), which partitions at load.
 
-Run as: python -m bench.run_bench [--quick] [--only loop,overhead,search,scaling]
+Run as: python -m bench.run_bench [--quick] [--only loop,overhead,search,scaling,memory]
 Writes bench/results/latest.json and the plots, and rewrites BENCHMARKS.md.
 """
 
@@ -178,6 +180,78 @@ def _curve(trials: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
 
 
 # ----------------------------------------------------------------------------- 2. overhead
+
+
+def _mid_size_model(out: Path) -> dict[str, Any]:
+    """The tiny base's processor and vocabulary with a larger random network: 24 text layers of
+    width 1024 and an 8-block vision tower of width 512. Returns its shape and parameter count."""
+    import torch
+    from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tiny = ROOT / ".assets" / "tiny-qwen25vl"
+    raw = json.loads((tiny / "config.json").read_text())
+    text = {**raw["text_config"], "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24}
+    text.update(num_attention_heads=16, num_key_value_heads=4)
+    text.pop("layer_types", None)  # one per layer: derived again for 24
+    text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [8, 12, 12]}  # head_dim 64
+    vision = {**raw["vision_config"], "hidden_size": 512, "intermediate_size": 1024, "depth": 8, "num_heads": 8}
+    vision.update(out_hidden_size=1024, fullatt_block_indexes=[3, 7])
+    config = Qwen2_5_VLConfig(**{**raw, "text_config": text, "vision_config": vision})
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(tiny).save_pretrained(out)
+    return {"parameters": params, "text_layers": 24, "hidden_size": 1024, "vision_depth": 8}
+
+
+def bench_memory(tmp: Path, repeats: int) -> dict[str, Any]:
+    """Peak host RSS of each of 2 Ray workers over a whole short run (ru_maxrss, reported by the
+    loop at its last step), ZeRO-2 against ZeRO-3 with CPU offload, alternating, every run kept."""
+    model = tmp / "mid-qwen25vl"
+    shape = _mid_size_model(model)
+    configs = {
+        "zero2": "configs/tiny/ds_config_zero2.json",
+        "zero3_offload": "configs/tiny/ds_config_zero3_offload.json",
+    }
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
+    for i in range(repeats):
+        for name, ds in configs.items():
+            out = tmp / f"memory-{name}-{i}"
+            _run(
+                [
+                    "-m",
+                    "raytune_qvl.train",
+                    *TINY,
+                    "--deepspeed",
+                    ds,
+                    f"model.name={model}",
+                    f"output.dir={out}",
+                    f"ray.storage_path={tmp / 'ray'}",
+                    "output.report_to=none",
+                    "ray.num_workers=2",
+                    "training.max_steps=2",
+                    "training.eval_steps=2",
+                    "training.save_steps=2",
+                    "training.logging_steps=1",
+                    "training.per_device_train_batch_size=2",
+                    "training.gradient_accumulation_steps=1",
+                    "evaluation.generation_samples=0",
+                    "model.torch_dtype=float32",
+                ],
+                timeout=1800,
+            )
+            done = json.loads((out / "final" / "training_complete.json").read_text())
+            runs[name].append({k: done[k] for k in ("peak_host_rss_gb_max", "peak_host_rss_gb_min")})
+            shutil.rmtree(out, ignore_errors=True)
+    medians = {name: statistics.median(r["peak_host_rss_gb_max"] for r in rows) for name, rows in runs.items()}
+    return {
+        "model": shape,
+        "workers": 2,
+        "runs": runs,
+        "median_peak_rss_gb": medians,
+        "zero3_vs_zero2_rss": medians["zero3_offload"] / medians["zero2"],
+    }
 
 
 def bench_overhead(tmp: Path, trials: int) -> dict[str, Any]:
@@ -439,7 +513,7 @@ def _environment() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and trials (a smoke run)")
-    parser.add_argument("--only", default="loop,overhead,search,scaling")
+    parser.add_argument("--only", default="loop,overhead,search,scaling,memory")
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite BENCHMARKS.md and the plots from latest.json"
     )
@@ -469,6 +543,9 @@ def main() -> None:
         if "scaling" in parts:
             print("scaling ...", flush=True)
             results["scaling"] = bench_scaling(tmp, [2, 4] if args.quick else [4, 8, 16])
+        if "memory" in parts:
+            print("memory per worker, ZeRO-2 against ZeRO-3 ...", flush=True)
+            results["memory"] = bench_memory(tmp, repeats=1 if args.quick else 2)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     summary = {
@@ -481,6 +558,7 @@ def main() -> None:
             "sweep_test_gap_vs_grid": results.get("search", {}).get("sweep_test_gap_vs_grid"),
             "sweep_seeds_matching_grid": results.get("search", {}).get("sweep_seeds_matching_grid"),
             "sweep_samples_ratio_vs_grid": results.get("search", {}).get("sweep_samples_ratio_vs_grid"),
+            "zero3_vs_zero2_rss": results.get("memory", {}).get("zero3_vs_zero2_rss"),
         }.items()
     }
     results.update(summary)
