@@ -9,9 +9,11 @@
    random search given the sweep's compute, each winner confirmed with a seed and scored on test;
 4. scaling: sweep wall time for 4, 8 and 16 trials at concurrency 1 and 2;
 5. memory: peak host RSS per worker of a 2-worker run of a mid-size random Qwen2.5-VL (about
-   370M parameters, fp32) under ZeRO-2 against ZeRO-3 (+ CPU offload), which partitions at load.
+   370M parameters, fp32) under ZeRO-2 against ZeRO-3 (+ CPU offload), which partitions at load;
+6. the prepared-data cache at 100,000 records: the memory-mapped Arrow cache against the JSON
+   cache it replaced (bench/data_cache.py): preparation, size, and 2 ranks' load time and PSS.
 
-Run as: python -m bench.run_bench [--quick] [--only loop,overhead,search,scaling,memory]
+Run as: python -m bench.run_bench [--quick] [--only loop,overhead,search,scaling,memory,cache]
 Writes bench/results/latest.json and the plots, and rewrites BENCHMARKS.md.
 """
 
@@ -252,6 +254,14 @@ def bench_memory(tmp: Path, repeats: int) -> dict[str, Any]:
         "median_peak_rss_gb": medians,
         "zero3_vs_zero2_rss": medians["zero3_offload"] / medians["zero2"],
     }
+
+
+def bench_cache(tmp: Path, records: int) -> dict[str, Any]:
+    """bench/data_cache.py in its own process (its ranks measure PSS from a clean start)."""
+    out = _run(["-m", "bench.data_cache", str(tmp / "cache-bench"), "--records", str(records)], timeout=3600)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["arrow_pss_growth_mb_max"] = max(r["pss_growth_mb"] for r in result["loads"]["arrow"])
+    return result
 
 
 def bench_overhead(tmp: Path, trials: int) -> dict[str, Any]:
@@ -513,7 +523,7 @@ def _environment() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and trials (a smoke run)")
-    parser.add_argument("--only", default="loop,overhead,search,scaling,memory")
+    parser.add_argument("--only", default="loop,overhead,search,scaling,memory,cache")
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite BENCHMARKS.md and the plots from latest.json"
     )
@@ -546,6 +556,9 @@ def main() -> None:
         if "memory" in parts:
             print("memory per worker, ZeRO-2 against ZeRO-3 ...", flush=True)
             results["memory"] = bench_memory(tmp, repeats=1 if args.quick else 2)
+        if "cache" in parts:
+            print("prepared-data cache, Arrow against JSON ...", flush=True)
+            results["cache"] = bench_cache(tmp, records=10_000 if args.quick else 100_000)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     summary = {
@@ -559,6 +572,7 @@ def main() -> None:
             "sweep_seeds_matching_grid": results.get("search", {}).get("sweep_seeds_matching_grid"),
             "sweep_samples_ratio_vs_grid": results.get("search", {}).get("sweep_samples_ratio_vs_grid"),
             "zero3_vs_zero2_rss": results.get("memory", {}).get("zero3_vs_zero2_rss"),
+            "cache_pss_growth_mb": results.get("cache", {}).get("arrow_pss_growth_mb_max"),
         }.items()
     }
     results.update(summary)

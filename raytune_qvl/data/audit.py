@@ -10,7 +10,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from raytune_qvl.config.schema import DataConfig
 from raytune_qvl.data.encode import Encoded, encode_sample
@@ -94,30 +94,46 @@ class Audit:
 
 @dataclass
 class PreparedSplit:
-    items: list[Encoded]
+    items: Sequence[Encoded]  # a list, or the cache's memory-mapped rows (table.EncodedRows)
     audit: Audit
+    fingerprint: str = ""  # the cache key: data, images, processor and encoding settings
 
 
 def prepare_split(
-    path: str | os.PathLike, processor: Any | None, data: DataConfig, *, progress: bool = False
+    path: str | os.PathLike,
+    processor: Any | None,
+    data: DataConfig,
+    *,
+    progress: bool = False,
+    sink: Callable[[Encoded], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> PreparedSplit:
     """Read, validate and encode every record of one file; bad ones are counted, not fatal.
-    Without a processor, records and images are checked but nothing is tokenized."""
+    Without a processor, records and images are checked but nothing is tokenized. With a `sink`,
+    each encoded sample goes there as it is made (the cache's writer) and `items` stays empty;
+    `on_progress(done, total)` is called after every record."""
     samples, bad = read_samples(path, data)
     items: list[Encoded] = []
+    text_tokens: list[int] = []
+    image_tokens: list[int] = []
     iterator: Any = samples
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(samples, desc=f"preparing {Path(path).name}", unit="rec", mininterval=2.0, file=sys.stderr)
     kept = 0
-    for sample in iterator:
+    for done, sample in enumerate(iterator, start=1):
+        if on_progress is not None:
+            on_progress(done, len(samples))
         try:
             if processor is None:  # records and images only: no tokenizer to count with
                 for image in sample.images:
                     check_aspect(*load_image(image).size)
             else:
-                items.append(encode_sample(sample, processor, data.max_length))
+                encoded = encode_sample(sample, processor, data.max_length)
+                text_tokens.append(encoded.text_tokens)
+                image_tokens.append(encoded.image_tokens)
+                (sink or items.append)(encoded)
             kept += 1
         except BadRecord as exc:
             bad.append((sample.line, exc.reason, exc.detail))
@@ -127,10 +143,10 @@ def prepare_split(
         reasons[reason].append(line)
     audit.dropped = {r: len(lines) for r, lines in reasons.items()}
     audit.examples = {r: lines[:5] for r, lines in reasons.items()}
-    audit.text_tokens_p50 = _percentile([e.text_tokens for e in items], 50)
-    audit.text_tokens_p99 = _percentile([e.text_tokens for e in items], 99)
-    audit.image_tokens_p50 = _percentile([e.image_tokens for e in items], 50)
-    audit.image_tokens_p99 = _percentile([e.image_tokens for e in items], 99)
+    audit.text_tokens_p50 = _percentile(text_tokens, 50)
+    audit.text_tokens_p99 = _percentile(text_tokens, 99)
+    audit.image_tokens_p50 = _percentile(image_tokens, 50)
+    audit.image_tokens_p99 = _percentile(image_tokens, 99)
     audit.task = infer_task(samples)
     return PreparedSplit(items, audit)
 

@@ -1,7 +1,10 @@
 """The prepared-data cache: a split encoded once and reused by every worker and every trial,
 keyed by the data file's content, the images it names, the processor's files and the settings
-that change encoding. One preparer per node: concurrent workers wait on a file lock and then
-read what the first one wrote."""
+that change encoding. Stored as an Arrow IPC file (table.py) beside a JSON audit, and read through
+a memory map: a rank's memory grows by the pages it touches, not by the split's size, and the
+ranks and DataLoader workers of a node share those pages. One preparer per node (or per shared
+cache folder): concurrent workers wait on a file lock only while the file is missing, and read it
+outside the lock."""
 
 from __future__ import annotations
 
@@ -9,12 +12,14 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from raytune_qvl.config.schema import Config, DataConfig
 from raytune_qvl.data.audit import Audit, PreparedSplit, prepare_split
-from raytune_qvl.data.encode import Encoded
+from raytune_qvl.data.table import EncodedRows, EncodedWriter
 from raytune_qvl.data.records import iter_raw
 from raytune_qvl.errors import DataError, Problem
 
@@ -22,7 +27,8 @@ __all__ = ["CACHE_VERSION", "cache_root", "load_or_prepare"]
 
 log = logging.getLogger("raytune_qvl")
 
-CACHE_VERSION = 3  # bump when the encoding changes, so stale caches are not reused
+CACHE_VERSION = 4  # bump when the encoding changes, so stale caches are not reused
+WAIT_LOG_SECONDS = 30.0  # how often a waiting or preparing worker says so
 
 
 def _fingerprint(path: Path, processor_dir_files: Sequence[Path], data: DataConfig, model_name: str) -> str:
@@ -78,18 +84,23 @@ def cache_root(data: DataConfig) -> Path:
     return Path(os.environ.get("RAYTUNE_QVL_CACHE", Path.home() / ".cache" / "raytune_qvl")) / "data"
 
 
-def _to_blob(split: PreparedSplit) -> dict[str, Any]:
-    return {"items": [e.__dict__ for e in split.items], "audit": split.audit.to_dict()}
-
-
-def _from_blob(blob: dict[str, Any]) -> PreparedSplit:
-    audit_fields = {k: v for k, v in blob["audit"].items() if k != "bad_fraction"}
-    return PreparedSplit([Encoded(**e) for e in blob["items"]], Audit(**audit_fields))
+def _cached(arrow: Path, audit: Path) -> PreparedSplit | None:
+    """The split a finished preparation left (the Arrow file is renamed into place last), or None."""
+    if not arrow.exists():
+        return None
+    try:
+        fields = json.loads(audit.read_text())
+        rows = EncodedRows(arrow)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("data cache %s is unreadable (%s); preparing again", arrow, exc)
+        return None
+    fields.pop("bad_fraction", None)
+    return PreparedSplit(rows, Audit(**fields))
 
 
 def load_or_prepare(cfg: Config, processor: Any, split: str, *, progress: bool = False) -> PreparedSplit | None:
-    """The encoded split from the cache, or prepared now and cached (one preparer per node:
-    concurrent workers wait on a file lock and then read what the first one wrote)."""
+    """The encoded split from the cache, or prepared now and cached. `fingerprint` on the result
+    is the cache key (the data, its images, the processor and the encoding settings)."""
     from filelock import FileLock
 
     path_str = {"train": cfg.data.train_path, "eval": cfg.data.eval_path, "test": cfg.data.test_path}[split]
@@ -101,15 +112,86 @@ def load_or_prepare(cfg: Config, processor: Any, split: str, *, progress: bool =
     key = _fingerprint(path, _processor_files(cfg.model.name), cfg.data, cfg.model.name)
     root = cache_root(cfg.data)
     root.mkdir(parents=True, exist_ok=True)
-    target = root / f"{path.stem}-{key}.json"
-    with FileLock(str(target) + ".lock"):
-        if target.exists():
-            try:
-                return _from_blob(json.loads(target.read_text()))
-            except (ValueError, KeyError, TypeError):
-                log.warning("data cache %s is unreadable; preparing again", target)
-        prepared = prepare_split(path, processor, cfg.data, progress=progress)
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(json.dumps(_to_blob(prepared)))
-        tmp.replace(target)
-    return prepared
+    arrow, audit = root / f"{path.stem}-{key}.arrow", root / f"{path.stem}-{key}.audit.json"
+    found = _cached(arrow, audit)
+    if found is None:
+        lock = FileLock(str(arrow) + ".lock")
+        _acquire(lock, path)
+        try:
+            if _cached(arrow, audit) is None:  # not written by another worker while this one waited
+                _prepare(path, processor, cfg, arrow, audit, progress=progress)
+        finally:
+            lock.release()
+        found = _cached(arrow, audit)
+        if found is None:
+            raise DataError(
+                [Problem(str(arrow), "data.cache_dir", "the prepared cache cannot be read back", show_value=False)]
+            )
+    found.fingerprint = key
+    return found
+
+
+def _acquire(lock: Any, path: Path) -> None:
+    """Take the node's preparation lock, saying every WAIT_LOG_SECONDS that this worker waits (the
+    preparer logs its own progress), so no rank waits silently. The lock is an OS lock: it goes
+    with a preparer that dies, and the next waiter prepares."""
+    from filelock import Timeout
+
+    waited = 0.0
+    while True:
+        try:
+            lock.acquire(timeout=WAIT_LOG_SECONDS)
+            return
+        except Timeout:
+            waited += WAIT_LOG_SECONDS
+            log.info(
+                "%s: waiting %.0f s for another worker of this cache folder to prepare %s",
+                socket.gethostname(),
+                waited,
+                path.name,
+            )
+
+
+class _ProgressLog:
+    """A log line every WAIT_LOG_SECONDS while a split is prepared (workers have no terminal bar)."""
+
+    def __init__(self, path: Path):
+        self.name, self.started = path.name, time.monotonic()
+        self.last = self.started
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= WAIT_LOG_SECONDS or done == total:
+            self.last = now
+            log.info(
+                "%s: preparing %s: %d of %d records (%.0f%%), %.0f s",
+                socket.gethostname(),
+                self.name,
+                done,
+                total,
+                100 * done / max(total, 1),
+                now - self.started,
+            )
+
+
+def _prepare(path: Path, processor: Any, cfg: Config, arrow: Path, audit: Path, *, progress: bool) -> None:
+    """Encode the split straight into a temporary Arrow file; the audit first, then the Arrow file
+    renamed into place, so a reader never sees half a cache."""
+    tmp = arrow.with_name(arrow.name + f".{os.getpid()}.tmp")
+    writer = EncodedWriter(tmp)
+    try:
+        prepared = prepare_split(
+            path,
+            processor,
+            cfg.data,
+            progress=progress,
+            sink=writer.add,
+            on_progress=None if progress else _ProgressLog(path),
+        )
+        writer.close()
+        audit_tmp = audit.with_name(audit.name + f".{os.getpid()}.tmp")
+        audit_tmp.write_text(json.dumps(prepared.audit.to_dict()))
+        audit_tmp.replace(audit)
+        tmp.replace(arrow)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 from raytune_qvl.config.schema import DEFAULT_PROMPTS, TASK_METRICS, DataConfig
 from raytune_qvl.errors import DataError, Problem
 
-__all__ = ["DROP_REASONS", "IMAGE_TAG", "BadRecord", "Sample", "iter_raw", "read_samples", "infer_task"]
+__all__ = ["DROP_REASONS", "IMAGE_TAG", "BadRecord", "Sample", "iter_raw", "read_samples", "infer_task", "sample_task"]
 
 DROP_REASONS = {
     "invalid_json": "the line is not valid JSON",
@@ -60,6 +60,13 @@ class Sample:
         """The last assistant turn's text (what generation eval compares against)."""
         last = [m for m in self.messages if m["role"] == "assistant"][-1]
         return "".join(c["text"] for c in last["content"] if c["type"] == "text")
+
+    @property
+    def prompt(self) -> str:
+        """The text of the user turn the last answer replies to ('' for an image alone)."""
+        last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
+        users = [m for m in self.messages[:last] if m["role"] == "user"]
+        return "".join(c["text"] for c in users[-1]["content"] if c["type"] == "text") if users else ""
 
 
 class BadRecord(Exception):
@@ -196,8 +203,10 @@ def _normalise(obj: Any, system_prompt: str | None) -> tuple[list[dict[str, Any]
         answer, prompt = obj["answer"], obj.get("prompt")
         if not isinstance(answer, str):
             raise BadRecord("bad_field", "answer must be a string")
+        if task is None and isinstance(obj.get("question"), str):
+            task = "general_vqa"  # a question field is visual QA, whatever the answer's length
         if prompt is None:
-            if task == "general_vqa" or (task is None and "question" in obj):
+            if task == "general_vqa":
                 prompt = obj.get("question")
             prompt = prompt if prompt is not None else DEFAULT_PROMPTS.get(task or "ocr_doc")
         if not isinstance(prompt, str):
@@ -255,17 +264,39 @@ def read_samples(path: str | os.PathLike, data: DataConfig) -> tuple[list[Sample
     return samples, bad
 
 
+_QUESTION_WORDS = frozenset(
+    "what which who whom whose when where why how is are was were does do did can could should will would "
+    "has have".split()
+)
+_FORMULA_WORDS = ("latex", "formula", "equation", "math")
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.lower().split()).rstrip(".")
+
+
+def sample_task(sample: Sample) -> str:
+    """The task one record is, from its fields: a declared `task` (or a `question` field); else
+    its prompt: a shipped default prompt names its task, a question is visual QA, an instruction
+    that names LaTeX or formulas (or a LaTeX answer) is formula OCR, anything else document OCR.
+    The answer's length decides nothing: a form's short line ("total 42") is still OCR."""
+    if sample.task:
+        return sample.task
+    prompt = _squash(sample.prompt)
+    for task, default in DEFAULT_PROMPTS.items():
+        if prompt == _squash(default):
+            return task
+    words = prompt.replace("?", " ? ").split()
+    if "?" in words or (words and words[0] in _QUESTION_WORDS):
+        return "general_vqa"
+    answer = sample.answer
+    if any(w in prompt for w in _FORMULA_WORDS) or "\\" in answer or "^{" in answer or "_{" in answer:
+        return "ocr_formula"
+    return "ocr_doc"
+
+
 def infer_task(samples: Sequence[Sample]) -> str:
-    """The task most records declare; else a guess from the answers (LaTeX -> formulas,
-    short answers to questions -> visual QA, otherwise documents)."""
-    declared = Counter(s.task for s in samples if s.task)
-    if declared:
-        return declared.most_common(1)[0][0]
+    """The task most records are (`sample_task` of each); document OCR for an empty file."""
     if not samples:
         return "ocr_doc"
-    answers = [s.answer for s in samples[:200]]
-    latex = sum(1 for a in answers if "\\" in a or "^{" in a or "_{" in a)
-    if latex > len(answers) / 2:
-        return "ocr_formula"
-    words = sum(len(a.split()) for a in answers) / len(answers)
-    return "general_vqa" if words <= 3 else "ocr_doc"
+    return Counter(sample_task(s) for s in samples).most_common(1)[0][0]

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 __all__ = [
     "WorkerContext",
     "count_nodes",
+    "check_data_agrees",
     "init_distributed",
     "device_config",
     "build_engine",
@@ -142,6 +143,41 @@ def count_nodes(ctx: WorkerContext) -> int:
     nodes: list = [None] * dist.get_world_size()
     dist.all_gather_object(nodes, mine)
     return len(set(nodes))
+
+
+def check_data_agrees(ctx: WorkerContext, splits: dict[str, tuple[str, str, int]]) -> None:
+    """Stop every rank, before the step plan, when the ranks' data differ: `splits` maps a split
+    to (file, fingerprint, sample count) as this rank prepared it. Each rank computes its steps
+    from its own count, so a node with another copy of the data would otherwise hang in a
+    collective instead of failing. One gather, every rank raises the same error."""
+    import torch.distributed as dist
+
+    from raytune_qvl.errors import DataError, Problem
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    mine = (ctx.rank, ctx.node or socket.gethostname(), {k: v[1:] for k, v in splits.items()})
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    _, first_node, first = everyone[0]
+    for rank, node, theirs in everyone[1:]:
+        for split in sorted(first.keys() | theirs.keys()):
+            if first.get(split) == theirs.get(split):
+                continue
+            (fp_a, n_a), (fp_b, n_b) = first.get(split, ("none", 0)), theirs.get(split, ("none", 0))
+            source = splits[split][0] if split in splits else f"data.{split}_path"
+            raise DataError(
+                [
+                    Problem(
+                        source,
+                        f"data.{split}_path",
+                        f"rank {rank} on node {node} has {n_b} samples (data fingerprint {fp_b}), "
+                        f"rank 0 on node {first_node} has {n_a} ({fp_a}): every node needs the same data "
+                        "file, images and processor files (or put data and cache on shared storage)",
+                        show_value=False,
+                    )
+                ]
+            )
 
 
 def barrier() -> None:

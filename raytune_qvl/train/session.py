@@ -16,7 +16,14 @@ from typing import Any, Protocol
 from raytune_qvl.config.schema import Config
 from raytune_qvl.errors import ConfigError, Problem
 from raytune_qvl.train.checkpoint import TrainState, latest_local_checkpoint, load_checkpoint, prune_local_checkpoints
-from raytune_qvl.train.engine import WorkerContext, build_engine, count_nodes, device_config, init_distributed
+from raytune_qvl.train.engine import (
+    WorkerContext,
+    build_engine,
+    check_data_agrees,
+    count_nodes,
+    device_config,
+    init_distributed,
+)
 from raytune_qvl.train.ops import check_ops
 
 __all__ = ["Reporter", "LocalReporter", "Session", "setup", "seed_everything"]
@@ -130,6 +137,8 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
     eval_split = load_or_prepare(cfg, processor, "eval")
     test_split = load_or_prepare(cfg, processor, "test")
     data_seconds = time.perf_counter() - data_started
+    splits = {"train": train_split, "eval": eval_split, "test": test_split}
+    check_data_agrees(ctx, {k: (v.audit.path, v.fingerprint, len(v.items)) for k, v in splits.items() if v is not None})
     check_audit(train_split.audit, cfg.data)
     for split in (eval_split, test_split):
         if split is not None:

@@ -118,8 +118,9 @@ def two_nodes():
         cluster.stop()
 
 
-def _space(tmp_path: Path, **changes) -> Path:
-    """A one-trial sweep with every path absolute, as a job on a cluster needs."""
+def _space(tmp_path: Path, overrides: dict | None = None, **changes) -> Path:
+    """A one-trial sweep with every path absolute, as a job on a cluster needs; `overrides` are
+    added to its config overrides."""
     assets = ROOT / ".assets"
     settings = dict(
         strategy="joint",
@@ -143,6 +144,7 @@ def _space(tmp_path: Path, **changes) -> Path:
             "data.train_path": str(assets / "data" / "forms" / "train.jsonl"),
             "data.eval_path": str(assets / "data" / "forms" / "eval.jsonl"),
             "data.test_path": str(assets / "data" / "forms" / "test.jsonl"),
+            **(overrides or {}),
         },
         **{**settings, **changes},
     )
