@@ -11,9 +11,11 @@
 5. memory: peak host RSS per worker of a 2-worker run of a mid-size random Qwen2.5-VL (about
    370M parameters, fp32) under ZeRO-2 against ZeRO-3 (+ CPU offload), which partitions at load;
 6. the prepared-data cache at 100,000 records: the memory-mapped Arrow cache against the JSON
-   cache it replaced (bench/data_cache.py): preparation, size, and 2 ranks' load time and PSS.
+   cache it replaced (bench/data_cache.py): preparation, size, and 2 ranks' load time and PSS;
+7. padded, length-grouped and packed batches on a length-varied set (bench/packing.py): padding
+   fraction and trained tokens/s.
 
-Run as: python -m bench.run_bench [--quick] [--only loop,overhead,search,scaling,memory,cache]
+Run as: python -m bench.run_bench [--quick] [--only loop,overhead,search,scaling,memory,cache,packing]
 Writes bench/results/latest.json and the plots, and rewrites BENCHMARKS.md.
 """
 
@@ -523,7 +525,7 @@ def _environment() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and trials (a smoke run)")
-    parser.add_argument("--only", default="loop,overhead,search,scaling,memory,cache")
+    parser.add_argument("--only", default="loop,overhead,search,scaling,memory,cache,packing")
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite BENCHMARKS.md and the plots from latest.json"
     )
@@ -559,6 +561,10 @@ def main() -> None:
         if "cache" in parts:
             print("prepared-data cache, Arrow against JSON ...", flush=True)
             results["cache"] = bench_cache(tmp, records=10_000 if args.quick else 100_000)
+        if "packing" in parts:
+            print("padded, length-grouped and packed batches ...", flush=True)
+            out = _run(["-m", "bench.packing", str(tmp / "packing"), "--repeats", "1" if args.quick else "3"])
+            results["packing"] = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     summary = {
@@ -573,6 +579,7 @@ def main() -> None:
             "sweep_samples_ratio_vs_grid": results.get("search", {}).get("sweep_samples_ratio_vs_grid"),
             "zero3_vs_zero2_rss": results.get("memory", {}).get("zero3_vs_zero2_rss"),
             "cache_pss_growth_mb": results.get("cache", {}).get("arrow_pss_growth_mb_max"),
+            "packed_vs_padded_tokens_per_second": results.get("packing", {}).get("packed_vs_padded"),
         }.items()
     }
     results.update(summary)

@@ -104,6 +104,14 @@ class Plan:
         first = first_step_ratio(self.warmup_steps, t.warmup_ratio) * t.learning_rate
         return f"warmup {self.warmup_steps} steps (the first at {first:.3g})"
 
+    def batches_text(self) -> str:
+        d = self.cfg.data
+        if d.packing:
+            how = f"packed: a micro-batch's samples in rows of up to {d.max_length} tokens, each attending to itself"
+        else:
+            how = "padded to each micro-batch's longest sample"
+        return how + (", grouped by length (mega-batches of 50 steps)" if d.group_by_length else "")
+
     def checkpoint_text(self) -> str:
         """What each checkpoint writes, from the model's architecture (when its config.json is at
         hand), and how many are kept."""
@@ -160,6 +168,7 @@ class Plan:
                 f"x {t.gradient_accumulation_steps})",
             ),
             ("data", f"{self.num_samples} training records (before the audit): {c.data.train_path}"),
+            ("batches", self.batches_text()),
             (
                 "epochs",
                 f"{c.training.num_epochs} x {self.steps_per_epoch} steps = {self.total_steps} optimizer steps"

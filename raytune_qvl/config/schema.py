@@ -116,6 +116,10 @@ class DataConfig(Section):
     min_image_size: int = Field(256, ge=28)  # likewise: min_pixels = size**2
     image_factor: int = Field(28, ge=1)  # patch_size * spatial_merge_size of the vision tower
     num_workers: int = Field(4, ge=0)  # DataLoader processes per Ray worker
+    # a micro-batch's samples packed into as few rows of <= max_length tokens as fit, each with its
+    # own M-RoPE positions and attention (off until measured better: BENCHMARKS.md section 7)
+    packing: bool = False
+    group_by_length: bool = False  # each optimizer step's samples sorted by length into its micro-batches
     preprocessing: PreprocessingConfig = PreprocessingConfig()
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)  # more bad records than this: stop before training
     allow_outside_paths: bool = False  # image paths may escape the data file's folder

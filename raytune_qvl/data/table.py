@@ -119,6 +119,12 @@ class EncodedRows(Sequence[Encoded]):
         for i in range(len(self)):
             yield self._row(i)
 
+    def lengths(self) -> list[int]:
+        """Tokens per row, from the list offsets of `input_ids` (no row is built)."""
+        import pyarrow.compute as pc
+
+        return pc.list_value_length(self._columns["input_ids"]).to_pylist()
+
     def column(self, name: str) -> Any:
         """One column as a pyarrow ChunkedArray (for statistics without building rows)."""
         return self._columns[name]

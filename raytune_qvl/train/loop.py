@@ -21,10 +21,12 @@ from typing import Any, Iterator
 
 from raytune_qvl.config.schema import Config, test_metric
 from raytune_qvl.config.write import write_configs
+from raytune_qvl.data.batches import input_tokens, packed_inputs
 from raytune_qvl.data.encode import IGNORE_INDEX
 from raytune_qvl.reports import HELD_KEY, pack
 from raytune_qvl.train import faults
 from raytune_qvl.train.checkpoint import save_checkpoint, save_trained
+from raytune_qvl.train.model import rope_index_of
 from raytune_qvl.train.engine import (
     WorkerContext,
     all_reduce_min,
@@ -55,6 +57,13 @@ def _to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _model_inputs(engine: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """A host batch on the engine's device; a packed one with its per-sample positions first."""
+    if "packed_segments" in batch:
+        batch = packed_inputs(batch, rope_index_of(engine))
+    return _to_device(batch, engine.device)
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -81,7 +90,7 @@ def evaluate_loss(engine: Any, dataset: Any, collator: Any, ctx: WorkerContext, 
                     sample["labels"] = torch.full_like(sample["labels"], -100)
             host = collator(samples)
             count = token_count(host)  # on the host batch: no device sync per forward
-            out = engine(**_to_device(host, engine.device))
+            out = engine(**_model_inputs(engine, host))
             if count > 0:
                 loss_sum += out.loss.detach().double() * count
                 tokens += count
@@ -176,7 +185,7 @@ def train_window(engine: Any, window: list[dict[str, Any]], tokens: Any, world_s
         per_micro = tokens.clamp(min=1.0) / (len(window) * world_size)
     share = None
     for batch in window:
-        loss = engine(**_to_device(batch, engine.device), num_items_in_batch=per_micro).loss
+        loss = engine(**_model_inputs(engine, batch), num_items_in_batch=per_micro).loss
         if nan:
             loss = loss * float("nan")
         engine.backward(loss)
@@ -238,7 +247,7 @@ def run(s: Session) -> dict[str, Any]:
             lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
             # the window's token count over every rank stays on the device: no host sync per step
             tokens = device_sum(sum(token_count(b) for b in window), engine.device)
-            log["tokens"] += sum(int(b["attention_mask"].sum()) for b in window)  # host batches
+            log["tokens"] += sum(input_tokens(b) for b in window)  # host batches
             share = train_window(engine, window, tokens, ctx.world_size, nan=inject_nan and state.global_step >= 1)
             state.micro_batch += len(window)
             window = []

@@ -12,7 +12,7 @@ from raytune_qvl.config.schema import Config
 from raytune_qvl.data.processor import hub_kwargs
 from raytune_qvl.errors import ConfigError, Problem
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "torch_dtype", "load_model"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "torch_dtype", "load_model", "rope_index_of"]
 
 log = logging.getLogger("raytune_qvl")
 
@@ -91,3 +91,20 @@ def load_model(cfg: Config, *, on_gpu: bool = False, ds_config: dict[str, Any] |
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
     return model
+
+
+def rope_index_of(model: Any) -> Any:
+    """The model's own `get_rope_index` (Qwen2.5-VL's 3-D M-RoPE positions), found once inside
+    any wrapper (DeepSpeed engine, peft) and kept on the outermost object. It computes from token
+    ids and image grids only, so it needs no gathered parameters under ZeRO-3."""
+    found = getattr(model, "_raytune_qvl_rope_index", None)
+    if found is None:
+        root = getattr(model, "module", model)  # a DeepSpeed engine wraps the module
+        for module in root.modules():
+            if type(module).__name__.endswith("VLModel") and hasattr(module, "get_rope_index"):
+                found = module.get_rope_index
+                break
+        else:
+            raise TypeError(f"{type(root).__name__} has no get_rope_index: packing needs a Qwen2.5-VL model")
+        model._raytune_qvl_rope_index = found
+    return found

@@ -119,7 +119,7 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
     started_at = time.time() if started_at is None else started_at
     from raytune_qvl.config.plan import make_plan
     from raytune_qvl.data.audit import check_audit
-    from raytune_qvl.data.batches import Collator, EpochSampler, TrainDataset
+    from raytune_qvl.data.batches import Collator, EpochSampler, PackingCollator, TrainDataset, sample_lengths
     from raytune_qvl.data.cache import load_or_prepare
     from raytune_qvl.data.processor import load_processor
     from raytune_qvl.train.evaluate import GenerationEval
@@ -177,7 +177,11 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
         plan=plan,
         dataset=dataset,
         eval_dataset=TrainDataset(eval_split.items, processor) if eval_split is not None else None,
-        collator=Collator(processor.tokenizer.pad_token_id),
+        collator=(
+            PackingCollator(processor.tokenizer.pad_token_id, cfg.data.max_length)
+            if cfg.data.packing
+            else Collator(processor.tokenizer.pad_token_id)
+        ),
         sampler=EpochSampler(
             len(dataset),
             micro=t.per_device_train_batch_size,
@@ -186,6 +190,7 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
             world=ctx.world_size,
             seed=cfg.data.preprocessing.seed,
             shuffle=cfg.data.preprocessing.shuffle,
+            lengths=sample_lengths(train_split.items) if cfg.data.group_by_length else None,
         ),
         generation=GenerationEval.create(cfg, eval_split, processor, ctx) if eval_split is not None else None,
         test=(

@@ -4,6 +4,7 @@ a plain reference computation; and a warm-up whose first step trains."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -106,3 +107,30 @@ def test_the_first_optimizer_step_trains(tiny_assets: Path, tmp_path: Path) -> N
     assert "warmup 2 steps (the first at 0.000333)" in result.stderr  # ceil(4 x 0.5) = 2: 1/3, 2/3, then the peak
     assert rates[1] == pytest.approx(1e-3 / 3, rel=1e-3) and rates[2] == pytest.approx(2e-3 / 3, rel=1e-3)
     assert rates[3] > rates[4] > 0  # then the cosine decay
+
+
+def test_packed_training_ends_where_padded_training_does(tiny_assets: Path, tmp_path: Path) -> None:
+    """The same steps through the real loop and DeepSpeed: packing only removes padding, so with
+    the token-weighted loss the runs' losses, gradient norms and eval losses agree (fp32). A
+    length-grouped run trains the same number of samples to its last step."""
+    runs = {}
+    for name, extra in {
+        "padded": [],
+        "packed": ["data.packing=true"],
+        "grouped": ["data.group_by_length=true"],
+    }.items():
+        args = [
+            "raytune_qvl.train", "--config", str(TINY_TRAIN), "--lora_config", str(TINY_LORA),
+            "--deepspeed", str(ZERO2), "--no-ray", f"output.dir={tmp_path / name}", "output.report_to=none",
+            "training.max_steps=4", "training.eval_steps=2", "training.logging_steps=1",
+            "training.per_device_train_batch_size=4", "training.gradient_accumulation_steps=2",
+            "training.learning_rate=1e-3", "evaluation.generation_samples=0", "lora.lora_dropout=0.0", *extra,
+        ]  # fmt: skip
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = json.loads((tmp_path / name / "final" / "training_complete.json").read_text())
+    padded, packed = runs["padded"], runs["packed"]
+    assert packed["samples_seen"] == padded["samples_seen"] == runs["grouped"]["samples_seen"] == 32
+    assert runs["grouped"]["eval_loss"] < 10  # grouping trains other steps (see test_packing.py), to the end
+    for key in ("loss", "grad_norm", "eval_loss", "test_loss"):  # the last step's train loss, and after it
+        assert packed[key] == pytest.approx(padded[key], rel=1e-5), key
