@@ -247,13 +247,15 @@ def _cache_section(cache: dict) -> list[str]:
 def _memory_section(memory: dict) -> list[str]:
     shape = memory["model"]
     lines = [
-        "## 5. Memory per worker: ZeRO-2 against ZeRO-3 + CPU offload",
+        "## 5. Memory per worker: ZeRO-2 against ZeRO-3 (with CPU offload, and without it)",
         "",
         f"A random Qwen2.5-VL of {shape['parameters'] / 1e6:.0f}M parameters (fp32; {shape['text_layers']} text layers of width "
         f"{shape['hidden_size']}, a {shape['vision_depth']}-block vision tower; the tiny base's processor), trained for 2 steps by "
         f"{memory['workers']} Ray workers (`python -m raytune_qvl.train`), LoRA r=8. Peak host RSS of each worker over its whole "
-        "life (`ru_maxrss`, which the loop reports at the last step as `peak_host_rss_gb_max` / `_min`), the two "
-        "configurations alternating, every run shown.",
+        "life (`ru_maxrss`, which the loop reports at the last step as `peak_host_rss_gb_max` / `_min`), the "
+        "configurations alternating, every run shown. `zero3_auto_buckets`: the shipped ZeRO-3 file without its two "
+        "offload blocks and `sub_group_size`, its buckets and persistence threshold `auto` (sized from the hidden "
+        "size, as the Hugging Face integration does).",
         "",
         "| config | runs: peak RSS per worker, max / min over the 2 workers (GiB) | median of the max |",
         "|---|---|---|",
@@ -261,7 +263,7 @@ def _memory_section(memory: dict) -> list[str]:
     for name, rows in memory["runs"].items():
         runs = ", ".join(f"{r['peak_host_rss_gb_max']:.2f} / {r['peak_host_rss_gb_min']:.2f}" for r in rows)
         lines.append(f"| {name} | {runs} | {memory['median_peak_rss_gb'][name]:.2f} |")
-    lines += ["", f"ZeRO-3 ÷ ZeRO-2: {memory['zero3_vs_zero2_rss']:.2f}.", "", MEMORY_NOTES, ""]
+    lines += ["", f"ZeRO-3 (the lower of the two) ÷ ZeRO-2: {memory['zero3_vs_zero2_rss']:.2f}.", "", MEMORY_NOTES, ""]
     return lines
 
 
@@ -384,18 +386,19 @@ the JSON cache's growth there is about ten times the figure above, while the Arr
 a function of the data size. A row read builds one `Encoded` (Python lists of that row only)."""
 
 MEMORY_NOTES = """\
-The target is not met: on this CPU machine ZeRO-3 with CPU offload peaks at about twice ZeRO-2's
-RSS, in both runs. The loading is partitioned: the model is built inside `HfDeepSpeedConfig`
-(`train/model.py`), so each rank materializes only its share of the ~1.6 GB of fp32 weights, and
-ZeRO-2 holds the whole model on every rank (3.5 GiB each). What ZeRO-3 adds on top of its half is not
-measured apart yet. The likely causes, all in the shipped `ds_config_zero3_offload.json`: its buckets
-are sized for a 7B model on GPUs (`reduce_bucket_size` and `stage3_prefetch_bucket_size` 5e8
-elements, each up to 2 GB in fp32); on a machine without a GPU, "offloading" to the CPU copies each
-partition into pinned host buffers beside the original; and the offloaded optimizer keeps fp32
-master weights and moments on the host. The next measurement to record: ZeRO-3 without offload, and
-with buckets sized to the model (`auto` from the hidden size, as the Hugging Face integration does),
-against the same ZeRO-2 runs. On GPUs the offload buffers are the point of the configuration (host
-memory in exchange for GPU memory), and this host-RSS comparison does not say what a GPU run holds."""
+The target is not met: on this CPU machine every ZeRO-3 run peaks above ZeRO-2's RSS. The loading
+is partitioned: the model is built inside `HfDeepSpeedConfig` (`train/model.py`), so each rank
+materializes only its share of the ~1.6 GB of fp32 weights, and ZeRO-2 holds the whole model on
+every rank (3.5 GiB each). Dropping the offload blocks and sizing the buckets from the model takes
+ZeRO-3 from ~7.8 to ~5.3 GiB: that much was the offload's pinned host copies (on a machine without a
+GPU "offloading" copies each partition beside the original, and the offloaded optimizer keeps fp32
+master weights and moments on the host) and the 5e8-element buckets sized for a 7B model. The
+remaining ~1.8 GiB over ZeRO-2 is not measured apart yet: `ru_maxrss` is one peak over the whole
+life, so loading (transformers reads the checkpoint's state dict on every rank before handing each
+its partition), gather buffers and the step are not told apart. The next measurement: RSS sampled
+after loading, after the engine is built and after the first step. On GPUs the offload buffers are
+the point of the configuration (host memory in exchange for GPU memory), and this host-RSS
+comparison does not say what a GPU run holds."""
 
 GPU_NOTES = """\
 ## GPU

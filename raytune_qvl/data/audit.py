@@ -43,6 +43,7 @@ class Audit:
     image_tokens_p99: int = 0
     task: str = "ocr_doc"
     tokens_counted: bool = True
+    digest: str = ""  # of the encoded rows (cache.py), what the ranks compare before training
 
     @property
     def bad_fraction(self) -> float:
@@ -96,7 +97,7 @@ class Audit:
 class PreparedSplit:
     items: Sequence[Encoded]  # a list, or the cache's memory-mapped rows (table.EncodedRows)
     audit: Audit
-    fingerprint: str = ""  # the cache key: data, images, processor and encoding settings
+    fingerprint: str = ""  # the encoded rows' digest (the cache's), what the ranks compare
 
 
 def prepare_split(

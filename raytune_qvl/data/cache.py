@@ -99,8 +99,9 @@ def _cached(arrow: Path, audit: Path) -> PreparedSplit | None:
 
 
 def load_or_prepare(cfg: Config, processor: Any, split: str, *, progress: bool = False) -> PreparedSplit | None:
-    """The encoded split from the cache, or prepared now and cached. `fingerprint` on the result
-    is the cache key (the data, its images, the processor and the encoding settings)."""
+    """The encoded split from the cache, or prepared now and cached. The cache key is the data,
+    its images (size and mtime), the processor and the encoding settings; `fingerprint` on the
+    result is the digest of the encoded rows themselves, which the ranks compare."""
     from filelock import FileLock
 
     path_str = {"train": cfg.data.train_path, "eval": cfg.data.eval_path, "test": cfg.data.test_path}[split]
@@ -127,7 +128,7 @@ def load_or_prepare(cfg: Config, processor: Any, split: str, *, progress: bool =
             raise DataError(
                 [Problem(str(arrow), "data.cache_dir", "the prepared cache cannot be read back", show_value=False)]
             )
-    found.fingerprint = key
+    found.fingerprint = found.audit.digest
     return found
 
 
@@ -189,6 +190,7 @@ def _prepare(path: Path, processor: Any, cfg: Config, arrow: Path, audit: Path, 
             on_progress=None if progress else _ProgressLog(path),
         )
         writer.close()
+        prepared.audit.digest = writer.digest()
         audit_tmp = audit.with_name(audit.name + f".{os.getpid()}.tmp")
         audit_tmp.write_text(json.dumps(prepared.audit.to_dict()))
         audit_tmp.replace(audit)

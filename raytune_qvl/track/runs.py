@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from raytune_qvl.config.overrides import flatten
 from raytune_qvl.config.schema import test_metric
 from raytune_qvl.config.write import write_configs
-from raytune_qvl.track.tracker import TAG_BOUNDARY, TAG_KIND, TAG_STRATEGY, Tracker
+from raytune_qvl.track.tracker import TAG_BOUNDARY, TAG_KIND, TAG_STRATEGY, TAG_SWEEP_DIR, Tracker
 from raytune_qvl.track.views import label_mask_html, predictions_html
 
 __all__ = [
@@ -117,7 +117,8 @@ def _table_row(row: dict[str, Any]) -> dict[str, Any]:
 
 def log_sweep_start(tracker: Tracker, space: Any, base: Any, pre: Any, prep_seconds: float) -> str:
     """A sweep's parent run: how it searches, the search-space file, the data audit. Returns its id."""
-    parent = tracker.start_run(space.name, {TAG_KIND: "sweep", TAG_STRATEGY: space.strategy})
+    tags = {TAG_KIND: "sweep", TAG_STRATEGY: space.strategy, TAG_SWEEP_DIR: str(Path(space.sweep_dir).absolute())}
+    parent = tracker.start_run(space.name, tags)
     params = {
         "strategy": space.strategy,
         "metric": space.metric,

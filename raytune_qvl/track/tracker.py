@@ -41,6 +41,7 @@ log = logging.getLogger("raytune_qvl")
 
 TAG_KIND = "raytune_qvl.kind"  # train | sweep
 TAG_STRATEGY = "raytune_qvl.strategy"  # a sweep's strategy
+TAG_SWEEP_DIR = "raytune_qvl.sweep_dir"  # a sweep's folder (its state, best/, optuna.db), absolute
 TAG_STAGE = "raytune_qvl.stage"  # a trial's stage label
 TAG_STATUS = "raytune_qvl.status"  # running | completed | stopped | failed | interrupted
 TAG_REASON = "raytune_qvl.reason"  # why a run failed or was stopped

@@ -56,6 +56,10 @@ def ui_server(cer_sweep: Path):
 
 @pytest.fixture()
 def browser(tmp_path: Path):
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip(
+            "Chromium/chromedriver missing: `make test` installs Debian's chromium and chromium-driver when run as root"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -123,3 +127,57 @@ def test_mlflow_ui_shows_the_sweep(cer_sweep: Path, ui_server: str, browser) -> 
         assert str(child.data.params["lora.r"]) in rows["lora.r"]
         assert child.data.params["training.learning_rate"] in rows["training.learning_rate"]
     assert (ARTIFACTS / "mlflow_ui_compare.png").stat().st_size > 10_000
+
+
+@pytest.fixture()
+def optuna_server(cer_sweep: Path):
+    """`python -m raytune_qvl.ui --optuna`, finding the latest sweep's study through MLflow."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "raytune_qvl.ui",
+            "--optuna",
+            "--tracking_uri",
+            f"sqlite:///{cer_sweep / 'mlflow.db'}",
+            "--port",
+            str(port),
+        ],  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(url + "/api/studies", proc, "Optuna Dashboard")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_optuna_dashboard_serves_the_latest_sweeps_study(cer_sweep: Path, optuna_server: str, browser) -> None:
+    """The study the sweep's searcher wrote, with its trials, in the dashboard's API and page."""
+    import urllib.request
+
+    import optuna
+
+    (db,) = cer_sweep.glob("**/optuna.db")
+    expected = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(f"sqlite:///{db}")}
+    assert expected and all(n >= 1 for n in expected.values())
+
+    def get(path: str) -> dict:
+        return json.loads(urllib.request.urlopen(f"{optuna_server}{path}", timeout=30).read())
+
+    studies = {s["study_name"]: s["study_id"] for s in get("/api/studies")["study_summaries"]}
+    assert set(studies) == set(expected)
+    for name, study_id in studies.items():  # every trial the searcher told the study, as the dashboard reads it
+        assert len(get(f"/api/studies/{study_id}")["trials"]) == expected[name]
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.get(f"{optuna_server}/dashboard")
+    _wait_for_text(browser, list(expected))
+    browser.save_screenshot(str(ARTIFACTS / "optuna_dashboard.png"))
+    assert (ARTIFACTS / "optuna_dashboard.png").stat().st_size > 10_000

@@ -36,7 +36,7 @@ def test_the_cache_is_a_memory_mapped_arrow_file_with_the_prepared_rows(forms_co
     assert isinstance(first.items, EncodedRows) and len(first.items) == len(fresh.items) == fresh.audit.kept
     assert list(first.items) == fresh.items  # every field of every row, in order
     assert first.items[-1] == fresh.items[-1] and first.items[1:3] == fresh.items[1:3]
-    assert first.audit.to_dict() == fresh.audit.to_dict() and first.fingerprint
+    assert first.audit.to_dict() == fresh.audit.to_dict() | {"digest": first.fingerprint} and first.fingerprint
 
     # read again: the same file (no second preparation), and a worker unpickles it by path
     files = sorted(Path(cfg.data.cache_dir).glob("train-*.arrow"))
@@ -187,3 +187,23 @@ def test_a_worker_waiting_for_the_preparer_says_so_and_the_preparer_logs_progres
     assert any(f"to prepare {Path(cfg.data.train_path).name}" in m for m in messages)
     assert any(m.endswith("s") and "preparing train.jsonl: 40 of 40 records (100%)" in m for m in messages)
     assert len(result[0].items) == 40
+
+
+def test_the_ranks_compare_the_encoded_rows_not_the_files_mtimes(forms_config, processor) -> None:
+    """A node whose copy of the images has other mtimes prepares its own cache (the key sees the
+    mtimes) and reaches the same fingerprint; a changed record changes it."""
+    from raytune_qvl.data.cache import load_or_prepare
+
+    cfg = forms_config
+    first = load_or_prepare(cfg, processor, "train")
+    for image in Path(cfg.data.train_path).parent.glob("images/*.png"):
+        os.utime(image, ns=(1_000_000_000, 1_000_000_000))
+    copied = load_or_prepare(cfg, processor, "train")
+    assert len(list(Path(cfg.data.cache_dir).glob("train-*.arrow"))) == 2  # prepared again
+    assert copied.fingerprint == first.fingerprint
+    path = Path(cfg.data.train_path)
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[0])
+    lines[0] = json.dumps({**record, "answer": record["answer"] + " x"})
+    path.write_text("\n".join(lines) + "\n")
+    assert load_or_prepare(cfg, processor, "train").fingerprint != first.fingerprint
