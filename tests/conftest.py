@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -107,6 +108,13 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int 
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def as_in_a_terminal() -> None:
+    """preexec_fn for a CLI the test will Ctrl-C: SIGINT at its default, as a terminal starts a
+    command, even when the suite itself runs in the background (where the shell ignores SIGINT
+    and children inherit that, so Python installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def free_port() -> int:

@@ -27,8 +27,9 @@ __all__ = ["CACHE_VERSION", "cache_root", "load_or_prepare"]
 
 log = logging.getLogger("raytune_qvl")
 
-CACHE_VERSION = 4  # bump when the encoding changes, so stale caches are not reused
-WAIT_LOG_SECONDS = 30.0  # how often a waiting or preparing worker says so
+CACHE_VERSION = 5  # bump when the encoding changes, so stale caches are not reused
+WAIT_LOG_SECONDS = 30.0  # how often a worker waiting for its node's preparer says so
+PROGRESS_LOG_SECONDS = 30.0  # how often a preparing worker says how far it is
 
 
 def _fingerprint(path: Path, processor_dir_files: Sequence[Path], data: DataConfig, model_name: str) -> str:
@@ -154,16 +155,17 @@ def _acquire(lock: Any, path: Path) -> None:
 
 
 class _ProgressLog:
-    """A log line every WAIT_LOG_SECONDS while a split is prepared (workers have no terminal bar)."""
+    """A log line every PROGRESS_LOG_SECONDS while a split is prepared (workers have no terminal
+    bar), and one at its end when any was written: a preparation quicker than that says nothing."""
 
     def __init__(self, path: Path):
         self.name, self.started = path.name, time.monotonic()
-        self.last = self.started
+        self.last, self.said = self.started, False
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
-        if now - self.last >= WAIT_LOG_SECONDS or done == total:
-            self.last = now
+        if now - self.last >= PROGRESS_LOG_SECONDS or (done == total and self.said):
+            self.last, self.said = now, True
             log.info(
                 "%s: preparing %s: %d of %d records (%.0f%%), %.0f s",
                 socket.gethostname(),

@@ -40,7 +40,7 @@ def test_a_trials_outputs_on_another_node_reach_the_driver(
     """The trial trains on the worker node, which writes its final/ and best/ into a folder the
     driver cannot see; the driver's trial folder, best/ and MLflow get them through storage_path.
     The data cache is a per-node folder too: the driver prepares into its own, and the worker
-    node's first rank prepares into the node's, saying so."""
+    node's first rank prepares into the node's."""
     from mlflow.tracking import MlflowClient
 
     space = _space(
@@ -53,7 +53,6 @@ def test_a_trials_outputs_on_another_node_reach_the_driver(
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     for cache in (split_nodes.outputs / "cache", split_nodes.node_outputs / "cache"):
         assert len(list(cache.glob("train-*.arrow"))) == 1, cache  # prepared once on each node
-    assert "preparing train.jsonl: 256 of 256 records (100%)" in result.stdout + result.stderr
     state = json.loads((split_nodes.outputs / "sweeps" / "multi" / "sweep_state.json").read_text())
     (trial,) = [t["trial_id"] for t in state["trials"] if t["status"] == "completed"]
     here = split_nodes.outputs / "sweeps" / "multi" / "trials" / trial

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_LORA, TINY_TRAIN, ZERO2, ZERO3
+from conftest import ROOT, TINY_LORA, TINY_TRAIN, ZERO2, ZERO3, as_in_a_terminal
 from raytune_qvl.train.faults import FAULT_PAUSE_ENV as FAULT_PAUSE
 
 pytestmark = pytest.mark.slow
@@ -246,7 +246,13 @@ def test_interrupt_and_resume_continues_with_the_same_data_order(
     log_file = tmp_path / "b.log"
     with log_file.open("w") as log:
         proc = subprocess.Popen(
-            command("b"), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, env={**env, FAULT_PAUSE: "12"}
+            command("b"),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**env, FAULT_PAUSE: "12"},
+            preexec_fn=as_in_a_terminal,
         )
         deadline = time.time() + 600
         while not there():

@@ -167,6 +167,7 @@ def test_a_worker_waiting_for_the_preparer_says_so_and_the_preparer_logs_progres
     from raytune_qvl.data import cache
 
     monkeypatch.setattr(cache, "WAIT_LOG_SECONDS", 0.2)
+    monkeypatch.setattr(cache, "PROGRESS_LOG_SECONDS", 0.0)  # a line per record: this split takes a second
     cfg = forms_config
     caplog.set_level(logging.INFO, logger="raytune_qvl")
     key = cache._fingerprint(
@@ -207,3 +208,14 @@ def test_the_ranks_compare_the_encoded_rows_not_the_files_mtimes(forms_config, p
     lines[0] = json.dumps({**record, "answer": record["answer"] + " x"})
     path.write_text("\n".join(lines) + "\n")
     assert load_or_prepare(cfg, processor, "train").fingerprint != first.fingerprint
+
+
+def test_a_quick_preparation_logs_no_progress(forms_config, processor, caplog: pytest.LogCaptureFixture) -> None:
+    """Under 30 s there is nothing to wait for: a bad-input error stays the one line it is."""
+    import logging
+
+    from raytune_qvl.data.cache import load_or_prepare
+
+    caplog.set_level(logging.INFO, logger="raytune_qvl")
+    load_or_prepare(forms_config, processor, "train")
+    assert not [r for r in caplog.records if "preparing" in r.getMessage()]
