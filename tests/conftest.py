@@ -11,7 +11,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -115,6 +117,29 @@ def as_in_a_terminal() -> None:
     command, even when the suite itself runs in the background (where the shell ignores SIGINT
     and children inherit that, so Python installs no KeyboardInterrupt handler)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextmanager
+def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """A CLI the test drives itself (signals, pauses): when the test fails before the CLI ended,
+    the CLI and every process it started (its local Ray cluster) are killed, so a failure does not
+    leave a second Ray instance for the rest of the suite to stumble on."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            import psutil
+
+            try:
+                family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                family = []
+            for member in family:
+                try:
+                    member.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            proc.wait(timeout=30)
 
 
 def free_port() -> int:

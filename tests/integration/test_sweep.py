@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, as_in_a_terminal, run_cli
+from conftest import ROOT, as_in_a_terminal, reaped, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -77,10 +77,20 @@ def test_staged_sweep_with_a_failure_an_interrupt_and_a_resume(tiny_assets: Path
     paused_env = {**env, "RAYTUNE_QVL_FAULT_PAUSE": "lora.r=4@2"}
     cmd = [sys.executable, "-m", "raytune_qvl.sweep", str(space_file)]
     log_file = tmp_path / "first.log"
-    with log_file.open("w") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=paused_env, stdout=out, stderr=subprocess.STDOUT, text=True, preexec_fn=as_in_a_terminal
-        )
+    with (
+        log_file.open("w") as out,
+        reaped(
+            subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=paused_env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                preexec_fn=as_in_a_terminal,
+            )
+        ) as proc,
+    ):
         # the paused worker leaves its marker in the trial's output folder (worker logs stay in Ray's)
         paused = tmp_path / "sweeps" / "itest" / "trials"
         deadline = time.time() + 900

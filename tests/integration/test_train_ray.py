@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_LORA, TINY_TRAIN, ZERO2, ZERO3, as_in_a_terminal
+from conftest import ROOT, TINY_LORA, TINY_TRAIN, ZERO2, ZERO3, as_in_a_terminal, reaped
 from raytune_qvl.train.faults import FAULT_PAUSE_ENV as FAULT_PAUSE
 
 pytestmark = pytest.mark.slow
@@ -244,16 +244,20 @@ def test_interrupt_and_resume_continues_with_the_same_data_order(
         return any('"checkpoint-000008"' in f.read_text() for f in snapshots.glob("*/checkpoint_manager_snapshot.json"))
 
     log_file = tmp_path / "b.log"
-    with log_file.open("w") as log:
-        proc = subprocess.Popen(
-            command("b"),
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**env, FAULT_PAUSE: "12"},
-            preexec_fn=as_in_a_terminal,
-        )
+    with (
+        log_file.open("w") as log,
+        reaped(
+            subprocess.Popen(
+                command("b"),
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**env, FAULT_PAUSE: "12"},
+                preexec_fn=as_in_a_terminal,
+            )
+        ) as proc,
+    ):
         deadline = time.time() + 600
         while not there():
             assert proc.poll() is None and time.time() < deadline, log_file.read_text()[-3000:]
