@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -22,36 +23,33 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
 
-@pytest.fixture()
-def ui_server(cer_sweep: Path):
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.skip(
-            "Chromium/chromedriver missing: `make test` installs Debian's chromium and chromium-driver when run as root"
-        )
+def _served(args: list[str], health: str, what: str) -> Iterator[str]:
+    """`python -m raytune_qvl.ui ARGS --port P` until the test ends; yields its base URL."""
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "raytune_qvl.ui",
-            "--tracking_uri",
-            f"sqlite:///{cer_sweep / 'mlflow.db'}",
-            "--port",
-            str(port),
-        ],
+        [sys.executable, "-m", "raytune_qvl.ui", *args, "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         cwd=ROOT,
     )
     url = f"http://127.0.0.1:{port}"
-    wait_for_http(url + "/health", proc, "the MLflow UI")
+    wait_for_http(url + health, proc, what)
     yield url
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture()
+def ui_server(cer_sweep: Path):
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip(
+            "Chromium/chromedriver missing: `make test` installs Debian's chromium and chromium-driver when run as root"
+        )
+    yield from _served(["--tracking_uri", f"sqlite:///{cer_sweep / 'mlflow.db'}"], "/health", "the MLflow UI")
 
 
 @pytest.fixture()
@@ -132,31 +130,8 @@ def test_mlflow_ui_shows_the_sweep(cer_sweep: Path, ui_server: str, browser) -> 
 @pytest.fixture()
 def optuna_server(cer_sweep: Path):
     """`python -m raytune_qvl.ui --optuna`, finding the latest sweep's study through MLflow."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "raytune_qvl.ui",
-            "--optuna",
-            "--tracking_uri",
-            f"sqlite:///{cer_sweep / 'mlflow.db'}",
-            "--port",
-            str(port),
-        ],  # fmt: skip
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_for_http(url + "/api/studies", proc, "Optuna Dashboard")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    args = ["--optuna", "--tracking_uri", f"sqlite:///{cer_sweep / 'mlflow.db'}"]
+    yield from _served(args, "/api/studies", "Optuna Dashboard")
 
 
 def test_optuna_dashboard_serves_the_latest_sweeps_study(cer_sweep: Path, optuna_server: str, browser) -> None:
