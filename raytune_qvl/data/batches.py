@@ -18,6 +18,7 @@ __all__ = [
     "Collator",
     "PackingCollator",
     "EpochSampler",
+    "input_tokens",
     "mm_token_types",
     "packed_inputs",
     "sample_lengths",
@@ -97,15 +98,13 @@ class Collator:
 
 class PackingCollator:
     """Packs a micro-batch's samples into as few rows of at most `max_length` tokens as they fit
-    (first fit, longest first; never a sample split across rows; a sample longer than the row
-    gets a row of its own), instead of padding every sample to the longest (HF's padding-free
-    collator, LLaMA-Factory's neat_packing). The same samples train as in `Collator`, so a step,
-    the plan and the token-weighted loss are unchanged; only the padding goes.
+    (`rows`: never a sample split across rows), instead of padding every sample to the longest
+    (HF's padding-free collator, LLaMA-Factory's neat_packing). The same samples train as in
+    `Collator`, so a step, the plan and the token-weighted loss are unchanged; only the padding goes.
 
     A row's samples stay apart: the first label of each is masked (no prediction across a
     boundary), and `packed_segments` (row, start, length, images, sample or padding) goes to
-    `packed_inputs`, which
-    gives each sample its own Qwen2.5-VL 3-D rope positions, computed by the model's own
+    `packed_inputs`, which gives each sample its own Qwen2.5-VL 3-D rope positions, computed by the model's own
     `get_rope_index`, with a text row that restarts at 0 — the 4-row `position_ids` from which
     transformers confines attention to each sample (a block mask with SDPA, varlen with
     FlashAttention-2). Trailing padding is a segment of its own, its labels masked."""
