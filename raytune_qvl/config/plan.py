@@ -145,13 +145,31 @@ class Plan:
         )
         device = "GPU" if c.ray.use_gpu else "CPU"
         if t.finetuning_type == "full":
-            trained = [("fine-tuning", "full: every weight trains (no LoRA)")]
+            frozen = " but the vision tower (frozen)" if t.freeze_vision_tower else ""
+            trained = [("fine-tuning", f"full: every weight{frozen} trains (no LoRA)")]
         else:
-            scale = f"scale={lora.lora_alpha / lora.r:g}, dropout={lora.lora_dropout}"
+            scaling = lora.lora_alpha / (lora.r**0.5 if lora.use_rslora else lora.r)
+            scale = f"scale={scaling:g}{' (rsLoRA)' if lora.use_rslora else ''}, dropout={lora.lora_dropout}"
             trained = [
                 ("LoRA", f"r={lora.r}, alpha={lora.lora_alpha}, {scale}"),
                 ("  targets", f"{', '.join(lora.target_modules)} (language model); vision LoRA {vision}"),
             ]
+            variant = [
+                *(["DoRA"] if lora.use_dora else []),
+                *(
+                    [f"{lora.init_lora_weights} init (saved converted: a rank-{2 * lora.r} LoRA for the unchanged base)"]
+                    if lora.init_lora_weights.startswith(("pissa", "olora"))
+                    else [f"{lora.init_lora_weights} init"] if lora.init_lora_weights != "default" else []
+                ),
+                *([f"LoRA+ (B at {lora.loraplus_lr_ratio:g}x)"] if lora.loraplus_lr_ratio else []),
+                *(["merger trained in full"] if t.train_merger else []),
+            ]
+            if variant:
+                trained.append(("  variant", ", ".join(variant)))
+        ratios = {"vision": t.vision_lr_ratio, "merger": t.merger_lr_ratio, "language model": t.language_model_lr_ratio}
+        if any(r != 1.0 for r in ratios.values()):
+            text = ", ".join(f"{part} {t.learning_rate * r:.3g} (x{r:g})" for part, r in ratios.items())
+            trained.append(("  rate by module", text))
         rows = [
             ("model", f"{c.model.name} ({c.model.torch_dtype}, attention {self.attention})"),
             *trained,

@@ -146,6 +146,14 @@ class TrainingConfig(Section):
     greater_is_better: bool | None = None  # None: from the metric (min for losses/error rates)
     max_steps: int | None = Field(None, ge=1)  # stop after this many optimizer steps (schedule too)
     eval_on_start: bool = False  # evaluate the untrained model at step 0
+    # per-module learning rates, as multiples of learning_rate (so the batch scaling rule and a sweep's
+    # learning-rate stage move every module together): the vision tower's LoRA (or weights), the merger
+    # (the vision-to-language projector) and the language model (with lm_head)
+    vision_lr_ratio: float = Field(1.0, gt=0.0, le=100.0)
+    merger_lr_ratio: float = Field(1.0, gt=0.0, le=100.0)
+    language_model_lr_ratio: float = Field(1.0, gt=0.0, le=100.0)
+    train_merger: bool = False  # LoRA: the merger trains in full and is saved with the adapter
+    freeze_vision_tower: bool = False  # full fine-tuning: the vision tower (not the merger) stays frozen
 
 
 class OutputConfig(Section):
@@ -206,6 +214,13 @@ class LoraConfig(Section):
     )  # matched in the language model only; the vision tower is governed by vision_lora
     modules_to_save: list[str] | None = None  # trained in full and saved with the adapter
     task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
+    # variants (peft): rsLoRA scales by alpha/sqrt(r); DoRA learns a magnitude per output; PiSSA/OLoRA start
+    # from the weights' principal/orthonormal parts (the base changes: adapters are converted at save into a
+    # plain LoRA of twice the rank for the unchanged base); LoRA+ trains B at loraplus_lr_ratio x the rate of A
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: str = Field("default", pattern=r"^(default|gaussian|olora|pissa|pissa_niter_[0-9]+)$")
+    loraplus_lr_ratio: float | None = Field(None, ge=1.0, le=1024.0)  # the LoRA+ paper's 16 is a start
     vision_lora: VisionLoraConfig = VisionLoraConfig()
 
 

@@ -72,33 +72,58 @@ def _params(dims: dict[str, Any]) -> int:
     return text + vision
 
 
+def _merger_params(v: dict[str, Any], text_width: int) -> int:
+    """Qwen2.5-VL's merger: an RMSNorm over the vision width, then Linear(4h, 4h) and Linear(4h, out)
+    with biases."""
+    merged, out = 4 * v["hidden_size"], v.get("out_hidden_size", text_width)
+    return v["hidden_size"] + merged * merged + merged + merged * out + out
+
+
 def _lora_params(dims: dict[str, Any], cfg: Config) -> int:
+    """A and B of every target (and DoRA's magnitude per output), plus what trains in full."""
     t, v = dims.get("text_config") or dims, dims.get("vision_config") or {}
     lora = cfg.lora
+    dora = 1 if lora.use_dora else 0
     shapes = _text_shapes(t)
-    n = t["num_hidden_layers"] * sum(lora.r * (a + b) for name, (a, b) in shapes.items() if name in lora.target_modules)
+    n = t["num_hidden_layers"] * sum(
+        lora.r * (a + b) + dora * b for name, (a, b) in shapes.items() if name in lora.target_modules
+    )
     if lora.vision_lora.enabled and v:
         vshapes = _vision_shapes(v)
         targets = lora.vision_lora.vision_target_modules
         n += v["depth"] * sum(
-            lora.vision_lora.vision_r * (a + b) for name, (a, b) in vshapes.items() if name in targets
+            lora.vision_lora.vision_r * (a + b) + dora * b for name, (a, b) in vshapes.items() if name in targets
         )
     for module in lora.modules_to_save or []:
         if module in ("lm_head", "embed_tokens"):
             n += t["vocab_size"] * t["hidden_size"]
+    if cfg.training.train_merger and v and "merger" not in (lora.modules_to_save or []):
+        n += _merger_params(v, t["hidden_size"])
     return n
+
+
+def _saved_params(dims: dict[str, Any], cfg: Config, trainable: int) -> int:
+    """What an adapter folder holds: PiSSA/OLoRA adapters are saved as a LoRA of twice the rank."""
+    if cfg.training.finetuning_type == "full" or not cfg.lora.init_lora_weights.startswith(("pissa", "olora")):
+        return trainable
+    lora = cfg.lora
+    doubled = lora.model_copy(
+        update={"r": 2 * lora.r, "vision_lora": lora.vision_lora.model_copy(update={"vision_r": 2 * lora.vision_lora.vision_r})}
+    )
+    return _lora_params(dims, cfg.model_copy(update={"lora": doubled}))
 
 
 class Sizes:
     """The plan's size figures (bytes and parameter counts)."""
 
-    def __init__(self, params: int, trainable: int, dtype_bytes: int):
+    def __init__(self, params: int, trainable: int, dtype_bytes: int, saved: int | None = None):
         self.params, self.trainable, self.dtype_bytes = params, trainable, dtype_bytes
+        self.saved = trainable if saved is None else saved  # parameters an adapter folder holds
 
     @property
     def adapter_bytes(self) -> int:
         """The trained weights alone (the adapter written to best/ and final/)."""
-        return self.trainable * self.dtype_bytes
+        return self.saved * self.dtype_bytes
 
     @property
     def checkpoint_bytes(self) -> int:
@@ -120,10 +145,22 @@ def estimate_sizes(cfg: Config) -> Sizes | None:
         return None
     try:
         params = _params(dims)
-        trainable = params if cfg.training.finetuning_type == "full" else _lora_params(dims, cfg)
+        trainable = _full_params(dims, cfg, params) if cfg.training.finetuning_type == "full" else _lora_params(dims, cfg)
+        saved = _saved_params(dims, cfg, trainable)
     except (KeyError, TypeError, ZeroDivisionError):
         return None
-    return Sizes(params, trainable, _DTYPE_BYTES.get(cfg.model.torch_dtype, 2))
+    return Sizes(params, trainable, _DTYPE_BYTES.get(cfg.model.torch_dtype, 2), saved)
+
+
+def _full_params(dims: dict[str, Any], cfg: Config, params: int) -> int:
+    """Full fine-tuning: every weight, less the vision tower's blocks and patch embedding when frozen."""
+    v = dims.get("vision_config") or {}
+    if not (cfg.training.freeze_vision_tower and v):
+        return params
+    t = dims.get("text_config") or dims
+    tower = v["depth"] * sum(a * b for a, b in _vision_shapes(v).values())
+    tower += v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * v.get("patch_size", 14) ** 2 * v["hidden_size"]
+    return params - tower if tower < params else params
 
 
 def human_bytes(n: float) -> str:

@@ -18,6 +18,7 @@ from raytune_qvl.config.schema import (
     DataConfig,
     EnvironmentConfig,
     EvaluationConfig,
+    LoraConfig,
     ModelConfig,
     OutputConfig,
     RayConfig,
@@ -50,6 +51,7 @@ def validate_config(
     output: OutputConfig | None = sections.get("output")  # type: ignore[assignment]
     ray: RayConfig | None = sections.get("ray")  # type: ignore[assignment]
     evaluation: EvaluationConfig | None = sections.get("evaluation")  # type: ignore[assignment]
+    lora: LoraConfig | None = sections.get("lora")  # type: ignore[assignment]
 
     if data is not None:
         if data.min_image_size > data.max_image_size:
@@ -98,6 +100,12 @@ def validate_config(
                 f"must be <= training.eval_steps ({training.eval_steps})",
                 training.logging_steps,
             )
+
+    if lora is not None:
+        lora_run = training is None or training.finetuning_type == "lora"
+        if training is not None and training.freeze_vision_tower and lora.vision_lora.enabled and lora_run:
+            rule = "contradicts training.freeze_vision_tower = true; turn one of them off"
+            add(["lora", "vision_lora", "enabled"], rule, True)
 
     if env is not None:
         if env.bf16 and env.fp16:

@@ -10,6 +10,7 @@ and validates one.
 from __future__ import annotations
 
 import itertools
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -210,4 +211,7 @@ def param_type(key: str) -> Any:
     if key == EFFECTIVE_BATCH:
         return int
     info = field_at(key)
-    return None if info is None else info.annotation
+    if info is None:
+        return None
+    kinds = [k for k in typing.get_args(info.annotation) if k is not type(None)]
+    return kinds[0] if len(kinds) == 1 else info.annotation  # an optional number (loraplus_lr_ratio) is a number

@@ -89,8 +89,22 @@ def is_lora(engine: Any) -> bool:
 def save_trained(engine: Any, directory: Path, trained: dict[str, Any]) -> None:
     """Write what was trained from an already gathered state dict (rank 0 only): a peft adapter
     folder for LoRA, a whole checkpoint folder (config + weights, loadable by from_pretrained)
-    for full fine-tuning."""
-    engine.module.save_pretrained(str(directory), state_dict=trained, safe_serialization=True)
+    for full fine-tuning. A PiSSA/OLoRA adapter is written converted for the unchanged base (see
+    `lora.converted_adapter`)."""
+    from raytune_qvl.train.lora import converted_adapter
+
+    model = engine.module
+    converted = converted_adapter(model, trained) if is_lora(engine) else None
+    if converted is None:
+        model.save_pretrained(str(directory), state_dict=trained, safe_serialization=True)
+        return
+    state, config = converted
+    own = model.peft_config["default"]
+    model.peft_config["default"] = config
+    try:
+        model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
+    finally:
+        model.peft_config["default"] = own
 
 
 def save_checkpoint(engine: Any, directory: Path, state: TrainState, *, rank: int, trained: dict[str, Any]) -> None:

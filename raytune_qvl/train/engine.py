@@ -97,14 +97,26 @@ def device_config(ds: dict[str, Any], *, on_gpu: bool) -> tuple[dict[str, Any], 
     return out, notes
 
 
-def build_engine(model: Any, ds_config: dict[str, Any]) -> Any:
-    """A DeepSpeed engine over the trainable parameters only; its optimizer and LR scheduler
-    come from the (filled) config."""
+def build_engine(model: Any, ds_config: dict[str, Any], groups: list[dict[str, Any]] | None = None) -> Any:
+    """A DeepSpeed engine over the trainable parameters only (or over `groups`, each with its own
+    `lr` and `lr_scale`: per-module rates, LoRA+); its optimizer and LR scheduler come from the
+    (filled) config."""
     import deepspeed
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    plain = groups is None or all(g.get("lr_scale", 1.0) == 1.0 for g in groups)
+    if plain:
+        params: Any = [p for p in model.parameters() if p.requires_grad]
+    else:
+        params = groups
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
     if scheduler is not None:
+        if hasattr(scheduler, "max_lrs") and not plain:
+            # WarmupLR and WarmupDecayLR give every group the config's one warm-up range (WarmupCosineLR
+            # scales each group's own rate): scale each group's range by its lr_scale
+            scales = [g.get("lr_scale", 1.0) for g in scheduler.optimizer.param_groups]
+            scheduler.min_lrs = [lr * k for lr, k in zip(scheduler.min_lrs, scales)]
+            scheduler.max_lrs = [lr * k for lr, k in zip(scheduler.max_lrs, scales)]
+            scheduler.delta_lrs = [hi - lo for hi, lo in zip(scheduler.max_lrs, scheduler.min_lrs)]
         # DeepSpeed's schedulers set the rate for "before the first step" (0 in a warm-up) at creation
         # and step after each optimizer step: start them at the first step, so that step trains at the
         # warm-up's first rate (a resume then restores the scheduler's own position)

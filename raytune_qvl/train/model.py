@@ -12,7 +12,7 @@ from raytune_qvl.config.schema import Config
 from raytune_qvl.data.processor import hub_kwargs
 from raytune_qvl.errors import ConfigError, Problem
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "torch_dtype", "load_model", "rope_index_of"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "torch_dtype", "partitioned", "load_model", "rope_index_of"]
 
 log = logging.getLogger("raytune_qvl")
 
@@ -27,9 +27,11 @@ def torch_dtype(name: str) -> Any:
 
 
 @contextmanager
-def _partitioned_load(ds_config: dict[str, Any] | None) -> Iterator[None]:
+def partitioned(ds_config: dict[str, Any] | None) -> Iterator[None]:
     """transformers partitions at load while an HfDeepSpeedConfig of a ZeRO-3 config is alive (it
-    keeps a weak reference); dropped afterwards, so that a later plain load is a plain load."""
+    keeps a weak reference), and peft gathers the base weights its initialisations read (DoRA's
+    norms, PiSSA's SVD) while it is: load and wrap the model inside it. Dropped afterwards, so that
+    a later plain load is a plain load. Not nested: the reference is to the newest config."""
     stage = ((ds_config or {}).get("zero_optimization") or {}).get("stage", 0)
     if stage != 3:
         yield
@@ -43,11 +45,11 @@ def _partitioned_load(ds_config: dict[str, Any] | None) -> Iterator[None]:
         del keep
 
 
-def load_model(cfg: Config, *, on_gpu: bool = False, ds_config: dict[str, Any] | None = None) -> Any:
-    """The base model (no LoRA yet), chosen by `config.model_type`. With a ZeRO-3 `ds_config`
-    (the filled one the engine is built from), every weight is partitioned across the ranks as it
-    is loaded (DeepSpeed's zero.Init through transformers' HfDeepSpeedConfig), so no rank holds the
-    whole model in memory on its way to the engine."""
+def load_model(cfg: Config, *, on_gpu: bool = False) -> Any:
+    """The base model (no LoRA yet), chosen by `config.model_type`. Inside `partitioned` of a ZeRO-3
+    config (the filled one the engine is built from), every weight is partitioned across the ranks
+    as it is loaded (DeepSpeed's zero.Init through transformers' HfDeepSpeedConfig), so no rank
+    holds the whole model in memory on its way to the engine."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -68,14 +70,13 @@ def load_model(cfg: Config, *, on_gpu: bool = False, ds_config: dict[str, Any] |
     attn = resolve_attention(
         cfg.model.attn_implementation, on_gpu=on_gpu, dtype_name=cfg.model.torch_dtype, capability=capability
     )
-    with _partitioned_load(ds_config):
-        model = AutoModelForImageTextToText.from_pretrained(
-            cfg.model.name,
-            config=hf_config,
-            dtype=torch_dtype(cfg.model.torch_dtype),
-            attn_implementation=attn,
-            **hub_kwargs(cfg),
-        )
+    model = AutoModelForImageTextToText.from_pretrained(
+        cfg.model.name,
+        config=hf_config,
+        dtype=torch_dtype(cfg.model.torch_dtype),
+        attn_implementation=attn,
+        **hub_kwargs(cfg),
+    )
     # no KV cache while training (generation turns it on); transformers 5 reads it from the text config
     for config in (model.config, getattr(model.config, "text_config", None)):
         if config is not None:

@@ -123,8 +123,8 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
     from raytune_qvl.data.cache import load_or_prepare
     from raytune_qvl.data.processor import load_processor
     from raytune_qvl.train.evaluate import GenerationEval
-    from raytune_qvl.train.lora import format_parts, make_trainable, trainable_by_part
-    from raytune_qvl.train.model import load_model
+    from raytune_qvl.train.lora import format_parts, make_trainable, param_groups, trainable_by_part
+    from raytune_qvl.train.model import load_model, partitioned
 
     t = cfg.training
     init_distributed(ctx)
@@ -151,13 +151,17 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
     if missing:
         source = cfg.paths.deepspeed or "DeepSpeed config"
         raise ConfigError([Problem(source, "optimizer", line, show_value=False) for line in missing])
-    model = load_model(cfg, on_gpu=ctx.on_gpu, ds_config=ds_config)
-    model = make_trainable(model, t.finetuning_type, cfg.lora)
+    with partitioned(ds_config):
+        model = make_trainable(load_model(cfg, on_gpu=ctx.on_gpu), cfg)
+    groups = param_groups(model, cfg)
     if ctx.is_main:
         log.info(format_parts(trainable_by_part(model)))
+        if len(groups) > 1:
+            rates = ", ".join(f"{g['name']} {g['lr']:.3g}" for g in groups)
+            log.info("learning rates by group: %s", rates)
         for note in notes:
             log.info("%s", note)
-    engine = build_engine(model, ds_config)
+    engine = build_engine(model, ds_config, groups)
     seed_everything(cfg.environment.seed + ctx.rank)  # dropout differs across workers, reproducibly
 
     state = TrainState()

@@ -134,3 +134,57 @@ def test_packed_training_ends_where_padded_training_does(tiny_assets: Path, tmp_
     assert runs["grouped"]["eval_loss"] < 10  # grouping trains other steps (see test_packing.py), to the end
     for key in ("loss", "grad_norm", "eval_loss", "test_loss"):  # the last step's train loss, and after it
         assert packed[key] == pytest.approx(padded[key], rel=1e-5), key
+
+
+GROUP_RATES = r"""
+import json, sys, torch
+sys.path.insert(0, {root!r})
+from raytune_qvl import runtime; runtime.quiet_libraries()
+from raytune_qvl.config.load import load_config
+from raytune_qvl.config.plan import make_plan
+from raytune_qvl.train.engine import WorkerContext, build_engine, device_config, init_distributed
+from raytune_qvl.train.lora import make_trainable, param_groups
+from raytune_qvl.train.model import load_model
+
+init_distributed(WorkerContext())
+out = {{}}
+for kind in ("cosine", "linear", "constant_with_warmup"):
+    cfg = load_config({train!r}, {lora!r}, {ds!r}, [
+        f"training.lr_scheduler_type={{kind}}", "training.learning_rate=1e-3", "training.warmup_ratio=0.25",
+        "lora.loraplus_lr_ratio=16", "training.vision_lr_ratio=0.5", "training.merger_lr_ratio=2.0",
+        "training.train_merger=true", "ray.num_workers=1"])
+    model = make_trainable(load_model(cfg), cfg)
+    groups = param_groups(model, cfg)
+    names = {{id(p): n for n, p in model.named_parameters()}}
+    members = {{g["name"]: sorted(names[id(p)] for p in g["params"]) for g in groups}}
+    engine = build_engine(model, device_config(make_plan(cfg, num_samples=256).deepspeed, on_gpu=False)[0], groups)
+    rates = []
+    for _ in range(6):
+        rates.append({{g["name"]: g["lr"] for g in engine.optimizer.param_groups}})
+        engine.lr_scheduler.step()
+    out[kind] = {{"rates": rates, "members": members, "scales": {{g["name"]: g["lr_scale"] for g in groups}}}}
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_per_module_rates_and_loraplus_hold_through_every_schedule(tiny_assets: Path) -> None:
+    """LoRA+ (peft's groups: B at 16x A) and per-module rates (vision 0.5x, the fully trained merger
+    2x): every group keeps its ratio to the language model's A at each step of the warm-up and the
+    decay, under each of DeepSpeed's schedulers (two of which give every group one range)."""
+    code = GROUP_RATES.format(root=str(ROOT), train=str(TINY_TRAIN), lora=str(TINY_LORA), ds=str(ZERO2))
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = json.loads(next(ln for ln in result.stdout.splitlines() if ln.startswith("RESULT"))[len("RESULT ") :])
+    for kind, seen in out.items():
+        scales, members = seen["scales"], seen["members"]
+        assert scales["language_model/A"] == 1.0 and scales["language_model/B"] == 16.0, (kind, scales)
+        assert scales["vision/B"] == 8.0 and scales["merger/B_no_decay"] == 32.0, (kind, scales)
+        assert all(".lora_A." in n for n in members["language_model/A"] + members["vision/A"])
+        assert all(".lora_B." in n for n in members["language_model/B"]) and members["merger/A"]
+        assert all(".visual.merger." in n for g, names in members.items() if g.startswith("merger") for n in names)
+        first = seen["rates"]
+        assert 0 < first[0]["language_model/A"] < 1e-3 and first[-1]["language_model/A"] != first[0]["language_model/A"]
+        for step in first:  # each group keeps its ratio to the language model's A, whatever the schedule's step
+            base = step["language_model/A"]
+            for name, rate in step.items():
+                assert rate == pytest.approx(base * scales[name], rel=1e-6), (kind, name, step)

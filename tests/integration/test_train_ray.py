@@ -289,11 +289,29 @@ def test_interrupt_and_resume_continues_with_the_same_data_order(
     assert json.loads((tmp_path / "b" / "final" / "training_complete.json").read_text())["step"] == ends
 
 
-@pytest.mark.parametrize("zero", [ZERO2, ZERO3], ids=["zero2", "zero3"])
-def test_reloaded_adapter_reproduces_the_trained_logits(zero: Path, tiny_assets: Path, tmp_path: Path) -> None:
+# LoRA variants, each trained and reloaded: DoRA (a magnitude per output, with rsLoRA's scale and the
+# merger trained in full), PiSSA (the base changes: saved converted to a rank-2r LoRA for the unchanged base)
+# with LoRA+ and per-module rates, under ZeRO-2 and ZeRO-3 (its SVD and DoRA's norms read gathered weights)
+VARIANTS = {
+    "zero2": (ZERO2, []),
+    "zero3": (ZERO3, []),
+    "dora-rslora-merger-zero2": (ZERO2, ["lora.use_dora=true", "lora.use_rslora=true", "training.train_merger=true"]),
+    "dora-zero3": (ZERO3, ["lora.use_dora=true"]),
+    "pissa-loraplus-zero2": (
+        ZERO2,
+        ["lora.init_lora_weights=pissa", "lora.loraplus_lr_ratio=16", "training.vision_lr_ratio=0.5"],
+    ),
+    # DoRA's direction is the same matrix before and after the conversion, so its magnitudes carry over
+    "pissa-dora-zero3": (ZERO3, ["lora.init_lora_weights=pissa_niter_4", "lora.use_rslora=true", "lora.use_dora=true"]),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_reloaded_adapter_reproduces_the_trained_logits(variant: str, tiny_assets: Path, tmp_path: Path) -> None:
     """Train (under ZeRO-3: partitioned weights, saved through the gather) with vision LoRA and a
     module trained in full (`modules_to_save`, whose save once crashed), reload the adapter on a
-    fresh base model: the logits match the engine's."""
+    fresh base model with plain peft: the logits match the engine's, for every LoRA variant."""
+    zero, extra = VARIANTS[variant]
     code = f"""
 import os, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
@@ -311,7 +329,7 @@ cfg = load_config({str(TINY_TRAIN)!r}, {str(TINY_LORA)!r}, {str(zero)!r}, [
     "ray.num_workers=1", "training.max_steps=6", "training.eval_steps=3", "training.logging_steps=3",
     "evaluation.generation_samples=0", "output.dir={tmp_path / "z3"}",
     "model.torch_dtype=float32", "environment.bf16=false", "deepspeed.bf16.enabled=false", "lora.lora_dropout=0.0",
-    "lora.modules_to_save=[lm_head]"])
+    "lora.modules_to_save=[lm_head]", *{extra!r}])
 assert cfg.lora.vision_lora.enabled and cfg.lora.modules_to_save == ["lm_head"]
 processor = load_processor(cfg)
 items = load_or_prepare(cfg, processor, "eval").items[:2]
@@ -328,12 +346,20 @@ reloaded = PeftModel.from_pretrained(base, {str(tmp_path / "z3" / "final")!r}).e
 with torch.no_grad():
     again = reloaded(**batch).logits.float()
 print("MAXDIFF", (trained - again).abs().max().item(), trained.abs().max().item())
+untouched = load_model(cfg).eval()
+with torch.no_grad():
+    print("BASEDIFF", (trained - untouched(**batch).logits.float()).abs().max().item())
 """
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     line = next(l for l in result.stdout.splitlines() if l.startswith("MAXDIFF"))
     diff, scale = map(float, line.split()[1:])
     assert scale > 1 and diff < 1e-4 * scale, line
+    trained_away = float(next(l for l in result.stdout.splitlines() if l.startswith("BASEDIFF")).split()[1])
+    assert trained_away > 100 * diff, (trained_away, line)  # training moved the logits: the match is not trivial
+    if "pissa" in variant:  # saved as a plain LoRA of twice the rank for the unchanged base
+        saved = json.loads((tmp_path / "z3" / "final" / "adapter_config.json").read_text())
+        assert saved["r"] == 2 * 16 and saved["init_lora_weights"] is True
 
 
 @pytest.mark.faults

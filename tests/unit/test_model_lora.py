@@ -74,6 +74,40 @@ def test_vision_lora_gets_its_own_rank_and_alpha(tiny_assets: Path) -> None:
     assert estimate_sizes(cfg).trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize(
+    ("lora", "training"),
+    [
+        ({"use_dora": True, "vision_lora": VisionLoraConfig(enabled=True, vision_r=4)}, {"train_merger": True}),
+        ({"init_lora_weights": "pissa_niter_2", "use_rslora": True}, {}),
+        ({}, {"finetuning_type": "full", "freeze_vision_tower": True}),
+    ],
+    ids=["dora-merger", "pissa-rslora", "full-frozen-vision"],
+)
+def test_variants_train_what_they_say_and_the_plan_counts_it(tiny_assets: Path, lora: dict, training: dict) -> None:
+    from raytune_qvl.config.schema import TrainingConfig
+    from raytune_qvl.config.sizes import estimate_sizes
+    from raytune_qvl.train.lora import make_trainable, trainable_by_part
+    from raytune_qvl.train.model import load_model
+
+    cfg = _cfg(tiny_assets, **lora).model_copy(update={"training": TrainingConfig(**training)})
+    model = make_trainable(load_model(cfg), cfg)
+    parts = trainable_by_part(model)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    if training.get("finetuning_type") == "full":
+        assert parts["vision"][0] == 0 and parts["merger"][0] == parts["merger"][1] > 0
+        assert parts["language_model"][0] == parts["language_model"][1]
+        return  # the plan's full count is of weight matrices only
+    if lora.get("use_dora"):
+        assert any("lora_magnitude_vector" in n for n in trained)
+        # the merger trains in full: a trained copy beside peft's frozen original
+        assert 2 * parts["merger"][0] == parts["merger"][1] > 0
+    else:
+        module = next(m for m in _lora_modules(model).values())
+        assert module.scaling["default"] == pytest.approx(16 / 8**0.5)  # rsLoRA: alpha / sqrt(r)
+        assert parts["merger"][0] == 0
+    assert estimate_sizes(cfg).trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def test_model_class_comes_from_model_type(tiny_assets: Path, tmp_path: Path) -> None:
     from raytune_qvl.train.model import load_model
 

@@ -35,6 +35,15 @@ def test_shipped_spaces_load(name: str, tiny_assets: Path, in_root: Path) -> Non
     assert Path(space.storage_path).is_absolute() and Path(space.output_dir).is_absolute()
 
 
+def test_variant_space_searches_lora_variants_after_the_documented_order(in_root: Path) -> None:
+    space, base = load_search_space(SPACES / "ocr_doc_variants.yaml", check_files=False)
+    names = [s.name for s in stages(space)]
+    assert names[:4] == ["training.learning_rate", "lora.r", EFFECTIVE_BATCH, "training.num_epochs"]
+    assert names[4:] == ["lora.init_lora_weights", "lora.use_dora", "lora.loraplus_lr_ratio", "training.vision_lr_ratio"]
+    assert base.lora.vision_lora.enabled  # the vision rate has something to act on
+    assert space.parameters["lora.loraplus_lr_ratio"].log  # an optional number is searched as a number
+
+
 def test_seed_starting_points() -> None:
     """The starting points are the seed's table."""
     table = {
