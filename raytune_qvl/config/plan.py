@@ -157,9 +157,14 @@ class Plan:
             variant = [
                 *(["DoRA"] if lora.use_dora else []),
                 *(
-                    [f"{lora.init_lora_weights} init (saved converted: a rank-{2 * lora.r} LoRA for the unchanged base)"]
+                    [
+                        f"{lora.init_lora_weights} init "
+                        f"(saved converted: a rank-{2 * lora.r} LoRA for the unchanged base)"
+                    ]
                     if lora.init_lora_weights.startswith(("pissa", "olora"))
-                    else [f"{lora.init_lora_weights} init"] if lora.init_lora_weights != "default" else []
+                    else [f"{lora.init_lora_weights} init"]
+                    if lora.init_lora_weights != "default"
+                    else []
                 ),
                 *([f"LoRA+ (B at {lora.loraplus_lr_ratio:g}x)"] if lora.loraplus_lr_ratio else []),
                 *(["merger trained in full"] if t.train_merger else []),

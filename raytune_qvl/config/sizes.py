@@ -108,7 +108,10 @@ def _saved_params(dims: dict[str, Any], cfg: Config, trainable: int) -> int:
         return trainable
     lora = cfg.lora
     doubled = lora.model_copy(
-        update={"r": 2 * lora.r, "vision_lora": lora.vision_lora.model_copy(update={"vision_r": 2 * lora.vision_lora.vision_r})}
+        update={
+            "r": 2 * lora.r,
+            "vision_lora": lora.vision_lora.model_copy(update={"vision_r": 2 * lora.vision_lora.vision_r}),
+        }
     )
     return _lora_params(dims, cfg.model_copy(update={"lora": doubled}))
 
@@ -145,7 +148,9 @@ def estimate_sizes(cfg: Config) -> Sizes | None:
         return None
     try:
         params = _params(dims)
-        trainable = _full_params(dims, cfg, params) if cfg.training.finetuning_type == "full" else _lora_params(dims, cfg)
+        trainable = (
+            _full_params(dims, cfg, params) if cfg.training.finetuning_type == "full" else _lora_params(dims, cfg)
+        )
         saved = _saved_params(dims, cfg, trainable)
     except (KeyError, TypeError, ZeroDivisionError):
         return None
@@ -157,7 +162,6 @@ def _full_params(dims: dict[str, Any], cfg: Config, params: int) -> int:
     v = dims.get("vision_config") or {}
     if not (cfg.training.freeze_vision_tower and v):
         return params
-    t = dims.get("text_config") or dims
     tower = v["depth"] * sum(a * b for a, b in _vision_shapes(v).values())
     tower += v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * v.get("patch_size", 14) ** 2 * v["hidden_size"]
     return params - tower if tower < params else params

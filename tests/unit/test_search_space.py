@@ -39,7 +39,12 @@ def test_variant_space_searches_lora_variants_after_the_documented_order(in_root
     space, base = load_search_space(SPACES / "ocr_doc_variants.yaml", check_files=False)
     names = [s.name for s in stages(space)]
     assert names[:4] == ["training.learning_rate", "lora.r", EFFECTIVE_BATCH, "training.num_epochs"]
-    assert names[4:] == ["lora.init_lora_weights", "lora.use_dora", "lora.loraplus_lr_ratio", "training.vision_lr_ratio"]
+    assert names[4:] == [
+        "lora.init_lora_weights",
+        "lora.use_dora",
+        "lora.loraplus_lr_ratio",
+        "training.vision_lr_ratio",
+    ]
     assert base.lora.vision_lora.enabled  # the vision rate has something to act on
     assert space.parameters["lora.loraplus_lr_ratio"].log  # an optional number is searched as a number
 
