@@ -161,7 +161,7 @@ class Plan:
                         f"{lora.init_lora_weights} init "
                         f"(saved converted: a rank-{2 * lora.r} LoRA for the unchanged base)"
                     ]
-                    if lora.init_lora_weights.startswith(("pissa", "olora"))
+                    if lora.mutates_base
                     else [f"{lora.init_lora_weights} init"]
                     if lora.init_lora_weights != "default"
                     else []

@@ -221,6 +221,12 @@ class LoraConfig(Section):
     use_dora: bool = False
     init_lora_weights: str = Field("default", pattern=r"^(default|gaussian|olora|pissa|pissa_niter_[0-9]+)$")
     loraplus_lr_ratio: float | None = Field(None, ge=1.0, le=1024.0)  # the LoRA+ paper's 16 is a start
+
+    @property
+    def mutates_base(self) -> bool:
+        """PiSSA and OLoRA move part of each target weight into the adapter at initialisation."""
+        return self.init_lora_weights.startswith(("pissa", "olora"))
+
     vision_lora: VisionLoraConfig = VisionLoraConfig()
 
 

@@ -104,7 +104,7 @@ def _lora_params(dims: dict[str, Any], cfg: Config) -> int:
 
 def _saved_params(dims: dict[str, Any], cfg: Config, trainable: int) -> int:
     """What an adapter folder holds: PiSSA/OLoRA adapters are saved as a LoRA of twice the rank."""
-    if cfg.training.finetuning_type == "full" or not cfg.lora.init_lora_weights.startswith(("pissa", "olora")):
+    if cfg.training.finetuning_type == "full" or not cfg.lora.mutates_base:
         return trainable
     lora = cfg.lora
     doubled = lora.model_copy(

@@ -54,7 +54,7 @@ def target_regex(lora: LoraConfig) -> str:
 
 def mutates_base(lora: LoraConfig) -> bool:
     """PiSSA and OLoRA move part of each target weight into the adapter at initialisation."""
-    return lora.init_lora_weights.startswith(("pissa", "olora"))
+    return lora.mutates_base
 
 
 def peft_config(lora: LoraConfig, *, train_merger: bool = False) -> Any:
