@@ -8,12 +8,14 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from raytune_qvl.config.schema import test_metric
 from raytune_qvl.errors import trial_error
 from raytune_qvl.sweep.context import Sweep
+from raytune_qvl.sweep.cost import trial_cost
 from raytune_qvl.sweep.records import TrialRecord, last_value, rank, tune_results
 from raytune_qvl.sweep.space import CONFIRM_KEY
 from raytune_qvl.sweep.trial import FetchOutputs, run_trial, train_storage, trial_dir
@@ -100,7 +102,13 @@ def run_confirmation(sweep: Sweep, *, restore: bool) -> list[TrialRecord]:
         ]
         predictions = str(Path(trial_dir(str(sweep.dir.absolute()), "{trial_id}")) / "best" / "predictions.json")
         tracking = SweepTracking(
-            sweep.tracker.uri, space.experiment, sweep.parent, CONFIRM_STAGE, confirmation_params, predictions
+            sweep.tracker.uri,
+            space.experiment,
+            sweep.parent,
+            CONFIRM_STAGE,
+            confirmation_params,
+            predictions,
+            cost=partial(trial_cost, resources=space.resources),
         )
         progress = SweepProgress(CONFIRM_STAGE, space.metric, confirmation_overrides)
         tuner = tune.Tuner(
@@ -121,11 +129,11 @@ def run_confirmation(sweep: Sweep, *, restore: bool) -> list[TrialRecord]:
     results = watch.run(tuner.fit)
     if watch.interrupted or unfinished(results):
         raise KeyboardInterrupt
-    return _records(results, space.metric)
+    return _records(results, space)
 
 
-def _records(results: Any, metric: str) -> list[TrialRecord]:
-    out = []
+def _records(results: Any, space: Any) -> list[TrialRecord]:
+    metric, out = space.metric, []
     kept = ("step", "epoch", "samples_seen")
     for result, trial_id, trial, history in tune_results(
         results, lambda c: c in kept or c.startswith(("eval_", "test_"))
@@ -139,6 +147,7 @@ def _records(results: Any, metric: str) -> list[TrialRecord]:
             trial_id, CONFIRM_STAGE, spec, dict(spec.get("overrides", {})), value,
             "failed" if failed else "confirmation", reason,
             float(metrics.get("epoch", 0) or 0), int(metrics.get("samples_seen", 0) or 0), history,
+            cost=trial_cost(metrics, space.resources),
         )  # fmt: skip
         out.append(record)
     return out

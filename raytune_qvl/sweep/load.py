@@ -220,6 +220,8 @@ def _check_space(space: SearchSpace, base: Config | None, source: str) -> list[P
             "ranks of one trial on one GPU); use 1, or workers_per_trial: 1 to share GPUs between trials",
             res.gpus_per_worker,
         )
+    if space.cost.measure == "gpu_seconds" and not res.use_gpu:
+        add("cost.measure", "gpu_seconds needs resources.use_gpu: true; use auto or worker_seconds", "gpu_seconds")
 
     if base is None:
         return problems

@@ -24,6 +24,8 @@ __all__ = [
     "prune_checkpoints",
     "top_table",
     "confirmation_table",
+    "cost_table",
+    "sweep_front",
     "mean_std",
     "boundary_advice",
     "reading_sample",
@@ -169,6 +171,67 @@ def confirmation_table(space: Any, confirmations: list[Any]) -> str:
         row = f"{i:>2}  {c.trial_id:<22} {mean_std(c.mean, c.std, len(c.values)):>22} {len(c.values):>3}"
         lines.append(f"{row}  {held_out:>22} {len(c.tests):>3}  {values}")
     return "\n".join(lines)
+
+
+def sweep_front(sweep: Sweep, records: list[TrialRecord], confirmations: list[Any], best: TrialRecord) -> Any:
+    """The sweep's CostFront (sweep/cost.py) over its full-budget trials, or None when no trial
+    has the chosen measure."""
+    from raytune_qvl.sweep.cost import cost_front, resolve_measure
+
+    space = sweep.space
+    return cost_front(
+        records,
+        confirmations,
+        sweep.state.records(),
+        metric=space.metric,
+        mode=space.mode,
+        measure=resolve_measure(space.cost.measure, space.resources.use_gpu),
+        within=space.cost.within,
+        best_trial=best.trial_id,
+    )
+
+
+def cost_table(front: Any) -> str:
+    """The front of the metric against cost (sweep/cost.py), cheapest first: every config on it,
+    with the best and the cheapest within the tolerance marked, then the line that names the latter."""
+    from raytune_qvl.sweep.cost import COST_UNITS, COSTS
+
+    measure, metric = front.measure, front.metric
+    shown = [c for c in COSTS if any(c in e.cost for e in front.front)]
+    names = {"worker_seconds": "worker-s", "gpu_seconds": "GPU-s", "trainable_params": "trainable"}
+    heads = "  ".join(f"{names.get(c, c.replace('_', ' ')):>12}" for c in shown)
+    lines = [
+        "",
+        f"cost front ({metric} against {COST_UNITS[measure]}; {len(front.front)} of {len(front.entries)} configs "
+        "are on it: none cheaper is as good):",
+        f"{'#':>2}  {'trial':<22} {metric:>10} {'runs':>4}  {heads}",
+    ]
+    rows = front.front + ([] if front.best in front.front else [front.best])  # the winner, on it or not
+    rows.sort(key=lambda e: e.cost[measure])
+    for i, e in enumerate(rows, start=1):
+        marks = [
+            m for m, t in (("best", front.best), (f"cheapest within {front.within:.0%}", front.cheapest)) if e is t
+        ]
+        if e not in front.front:
+            marks.append("off the front")
+        cells = "  ".join(_cost_cell(e.cost.get(c)) for c in shown)
+        lines.append(f"{i:>2}  {e.trial_id:<22} {e.value:>10.4f} {e.runs:>4}  {cells}  {', '.join(marks)}".rstrip())
+    best, cheap = front.best, front.cheapest
+    if cheap is best:
+        lines.append(f"  no config within {front.within:.0%} of the best costs less than the best ({best.trial_id})")
+    else:
+        share = cheap.cost[measure] / best.cost[measure] if best.cost.get(measure) else float("nan")
+        lines.append(
+            f"  cheapest within {front.within:.0%} of the best: {cheap.trial_id} ({metric} {cheap.value:.4f} against "
+            f"{best.value:.4f}) at {share:.0%} of the best's {COST_UNITS[measure]}"
+        )
+    return "\n".join(lines)
+
+
+def _cost_cell(value: float | None) -> str:
+    if value is None:
+        return f"{'—':>12}"
+    return f"{value:>12,.0f}" if value >= 100 else f"{value:>12.3g}"
 
 
 def boundary_advice(space: Any, best: TrialRecord) -> list[str]:

@@ -49,6 +49,7 @@ class TrialRecord:
     history: list[dict[str, Any]] = field(default_factory=list)
     point: dict[str, Any] = field(default_factory=dict)  # every searched parameter, fixed ones included
     sampler: str = ""  # what suggested the point: grid, random, tpe start-up (random), tpe
+    cost: dict[str, float] = field(default_factory=dict)  # sweep/cost.py: worker_seconds, samples, ...
 
 
 @dataclass

@@ -24,10 +24,12 @@ from raytune_qvl.sweep.context import Sweep
 from raytune_qvl.sweep.outputs import (
     boundary_advice,
     confirmation_table,
+    cost_table,
     mean_std,
     prune_checkpoints,
     ranked,
     reading_sample,
+    sweep_front,
     top_table,
     write_best,
 )
@@ -288,13 +290,26 @@ def _finish(sweep: Sweep, finished_tags: dict[str, Any]) -> dict[str, Any]:
     counts = sweep.state.counts()
     predictions = Path(trial_dir(str(sweep.dir), best.trial_id)) / "best" / PREDICTIONS_FILE
     advice = boundary_advice(space, best)
+    front = sweep_front(sweep, records, confirmations, best)
     log_sweep_result(
-        sweep.tracker, sweep.parent, space, sweep.state, best, best_dir, predictions, counts, confirmations, advice
+        sweep.tracker,
+        sweep.parent,
+        space,
+        sweep.state,
+        best,
+        best_dir,
+        predictions,
+        counts,
+        confirmations,
+        advice,
+        front.to_dict() if front is not None else None,
     )
     finished_tags[TAG_BEST_TRIAL] = best.trial_id
     print(top_table(sweep, records, counts))
     if confirmations:
         print(confirmation_table(space, confirmations))
+    if front is not None:
+        print(cost_table(front))
     print(f"\nbest {space.metric} {best.value:.4f}: trial {best.trial_id} ({best.stage})")
     if sweep.state.baseline is not None:
         print(f"  before fine-tuning (the base model, step 0): {space.metric} {sweep.state.baseline['value']:.4f}")

@@ -111,6 +111,16 @@ class Confirm(_Strict):
     seeds: int = Field(2, ge=0)  # extra runs of each, with environment.seed (and the data order) moved
 
 
+class Cost(_Strict):
+    """The front of the metric against a trial's cost (sweep/cost.py): which measure, and how close
+    to the best a cheaper config must be to be named."""
+
+    measure: Literal["auto", "worker_seconds", "gpu_seconds", "samples", "trainable_params", "peak_memory_gb"] = (
+        "auto"  # auto: gpu_seconds with use_gpu, else worker_seconds
+    )
+    within: float = Field(0.01, ge=0)  # relative: the cheapest config within within x |best| of the best
+
+
 class Mlflow(_Strict):
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str | None = None  # None: raytune_qvl-<name>
@@ -140,6 +150,7 @@ class SearchSpace(_Strict):
     output_dir: str = "./outputs/sweeps"  # <output_dir>/<name>: trials, best/, sweep state
     keep_best_adapters: int = Field(3, ge=0)
     confirm: Confirm = Confirm()
+    cost: Cost = Cost()
     seed: int = 42
     source: str = Field("", exclude=True)  # the file it came from (set by the loader)
 

@@ -5,11 +5,13 @@ records — points trained in an earlier stage count as candidates without being
 from __future__ import annotations
 
 import signal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from raytune_qvl.errors import trial_error
 from raytune_qvl.sweep.context import Sweep
+from raytune_qvl.sweep.cost import trial_cost
 from raytune_qvl.sweep.points import PointResolver
 from raytune_qvl.sweep.records import StageOutcome, TrialRecord, last_value, point_key, tune_results
 from raytune_qvl.sweep.search import make_scheduler, make_searcher, max_budget
@@ -65,7 +67,13 @@ def run_stage(
     else:
         predictions = str(Path(trial_dir(str(sweep.dir.absolute()), "{trial_id}")) / "best" / "predictions.json")
         tracking = SweepTracking(
-            sweep.tracker.uri, space.experiment, sweep.parent, stage.label, resolver.describe, predictions
+            sweep.tracker.uri,
+            space.experiment,
+            sweep.parent,
+            stage.label,
+            resolver.describe,
+            predictions,
+            cost=partial(trial_cost, resources=space.resources),
         )
         searcher = make_searcher(
             space,
@@ -81,7 +89,7 @@ def run_stage(
 
     watch = InterruptWatch()
     results = watch.run(tuner.fit)
-    records = _records(stage, results, resolver, space.metric)
+    records = _records(stage, results, resolver, space)
     # points of this stage's space trained in an earlier stage count as its candidates without
     # being trained again (the incumbent is already a candidate of every stage)
     skip = {point_key(r.overrides) for r in records} | ({point_key(incumbent.overrides)} if incumbent else set())
@@ -147,9 +155,10 @@ def unfinished(results: Any) -> bool:
     return any(t.status not in ("TERMINATED", "ERROR") for t in trials)
 
 
-def _records(stage: Stage, results: Any, resolver: PointResolver, metric: str) -> list[TrialRecord]:
-    """The stage's Tune results as records: status, value (the last reported metric), budget reached."""
-    out = []
+def _records(stage: Stage, results: Any, resolver: PointResolver, space: Any) -> list[TrialRecord]:
+    """The stage's Tune results as records: status, value (the last reported metric), budget
+    reached, cost."""
+    metric, out = space.metric, []
     kept = ("step", "epoch", "samples_seen", "loss", "eval_loss")
     for result, trial_id, trial, history in tune_results(results, lambda c: c in kept or c.startswith("eval_")):
         metrics = result.metrics or {}
@@ -182,6 +191,7 @@ def _records(stage: Stage, results: Any, resolver: PointResolver, metric: str) -
                 history,
                 resolver.point(sampled),
                 sampler,
+                trial_cost(metrics, space.resources),
             )
         )
     return out

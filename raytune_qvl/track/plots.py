@@ -1,5 +1,5 @@
-"""The sweep's pictures: optimization history, parameter importances, parallel coordinates and
-every trial's learning curve, as PNGs and one interactive HTML report on the parent run."""
+"""The sweep's pictures: optimization history, parameter importances, parallel coordinates,
+every trial's learning curve and the metric against cost, as PNGs and one interactive HTML report on the parent run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import warnings
 from typing import Any
 
-__all__ = ["sweep_study", "log_sweep_plots", "figures"]
+__all__ = ["sweep_study", "log_sweep_plots", "figures", "cost_front_figure"]
 
 log = logging.getLogger("raytune_qvl")
 
@@ -179,11 +179,47 @@ def _html_report(space: Any, records: list[Any]) -> str:
     return "".join(parts)
 
 
-def log_sweep_plots(tracker: Any, run_id: str, space: Any, records: list[Any]) -> None:
-    """Every picture of `figures` as a PNG and the interactive report, on the parent run."""
+def cost_front_figure(front: dict[str, Any]) -> Any:
+    """The metric against the chosen cost of every full-budget config (CostFront.to_dict()): the
+    front as a line, the band within the tolerance of the best shaded, the best and the cheapest
+    config within it marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for name, fig in figures(space, records).items():
+    measure, metric = front["measure"], front["metric"]
+    configs = {c["trial"]: c for c in front["configs"]}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    xs = [c["cost"][measure] for c in configs.values()]
+    ax.scatter(xs, [c["value"] for c in configs.values()], color="tab:grey", alpha=0.7, label="config")
+    on = [configs[t] for t in front["front"]]
+    ax.step([c["cost"][measure] for c in on], [c["value"] for c in on], where="post", color="tab:blue", label="front")
+    best, cheap = configs[front["best"]], configs[front["cheapest_within"]]
+    ax.axhspan(min(best["value"], front["limit"]), max(best["value"], front["limit"]), color="tab:green", alpha=0.12,
+               label=f"within {front['within']:.0%} of the best")  # fmt: skip
+    ax.scatter([best["cost"][measure]], [best["value"]], marker="*", s=220, color="tab:red", label="best", zorder=3)
+    ax.scatter([cheap["cost"][measure]], [cheap["value"]], marker="D", s=90, facecolors="none", edgecolors="black",
+               linewidths=1.5, label=f"cheapest within {front['within']:.0%}", zorder=4)  # fmt: skip
+    for c in on:
+        ax.annotate(c["trial"], (c["cost"][measure], c["value"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel(measure.replace("_", " ") + " (confirmed configs: the mean over their runs)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} against cost")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def log_sweep_plots(tracker: Any, run_id: str, space: Any, records: list[Any], front: dict | None = None) -> None:
+    """Every picture of `figures` as a PNG (and the cost front's, given CostFront.to_dict()) and the
+    interactive report, on the parent run."""
+    import matplotlib.pyplot as plt
+
+    pictures = figures(space, records)
+    if front is not None:
+        pictures["plots/cost_front.png"] = cost_front_figure(front)
+    for name, fig in pictures.items():
         tracker.log_figure(run_id, fig, name)
         plt.close(fig)
     tracker.log_text(run_id, _html_report(space, records), "plots/sweep_report.html")

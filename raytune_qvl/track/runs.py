@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from raytune_qvl.config.overrides import flatten
 from raytune_qvl.config.schema import test_metric
 from raytune_qvl.config.write import write_configs
-from raytune_qvl.track.tracker import TAG_BOUNDARY, TAG_KIND, TAG_STRATEGY, TAG_SWEEP_DIR, Tracker
+from raytune_qvl.track.tracker import TAG_BOUNDARY, TAG_CHEAPEST, TAG_KIND, TAG_STRATEGY, TAG_SWEEP_DIR, Tracker
 from raytune_qvl.track.views import label_mask_html, predictions_html
 
 __all__ = [
@@ -157,10 +157,13 @@ def log_sweep_result(
     counts: dict[str, int],
     confirmations: Sequence[Any] = (),
     advice: Sequence[str] = (),
+    front: dict[str, Any] | None = None,
 ) -> None:
     """The sweep's best (value, params, best/ folder, predictions), the trial counts, the
-    confirmation (mean ± std, and the test score: the sweep's result), boundary advice, the summary
-    and the pictures. `state`: the SweepState; `best`: the winning TrialRecord."""
+    confirmation (mean ± std, and the test score: the sweep's result), boundary advice, the cost
+    front (CostFront.to_dict(): metrics and tag of the cheapest config within the tolerance,
+    cost_front.json, a plot), the summary and the pictures. `state`: the SweepState; `best`: the
+    winning TrialRecord."""
     from raytune_qvl.track.plots import log_sweep_plots
 
     metrics = {
@@ -181,6 +184,18 @@ def log_sweep_result(
         tracker.log_dict(parent, rows, "confirmation.json")
     if advice:
         tracker.set_tags(parent, {TAG_BOUNDARY: " | ".join(advice)})
+    if front is not None:
+        configs = {c["trial"]: c for c in front["configs"]}
+        best_cost, cheapest = configs[front["best"]], configs[front["cheapest_within"]]
+        measure = front["measure"]
+        metrics |= {
+            f"best_cost_{measure}": best_cost["cost"][measure],
+            f"cheapest_{space.metric}": cheapest["value"],
+            f"cheapest_cost_{measure}": cheapest["cost"][measure],
+            "cost_front_size": len(front["front"]),
+        }
+        tracker.set_tags(parent, {TAG_CHEAPEST: front["cheapest_within"]})
+        tracker.log_dict(parent, front, "cost_front.json")
     if state.baseline is not None:  # the base model before any fine-tuning
         metrics[f"baseline_{space.metric}"] = state.baseline["value"]
     tracker.log_metrics(parent, metrics, step=len(state.stages) + 1)
@@ -189,6 +204,6 @@ def log_sweep_result(
     log_predictions(tracker, parent, predictions)
     tracker.log_dict(parent, {"stages": state.stages, "trials": state.trials}, "sweep_summary.json")
     try:
-        log_sweep_plots(tracker, parent, space, state.records())
+        log_sweep_plots(tracker, parent, space, state.records(), front)
     except Exception as exc:  # noqa: BLE001 - a plot must not fail a finished sweep
         log.warning("sweep plots failed: %s", exc)

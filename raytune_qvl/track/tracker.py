@@ -50,6 +50,7 @@ TAG_BEST_TRIAL = "raytune_qvl.best_trial"  # a sweep's best trial
 TAG_BUDGET_EPOCH = "raytune_qvl.budget_epoch"  # where ASHA stopped a trial
 TAG_BUDGET_SAMPLES = "raytune_qvl.budget_samples"
 TAG_BOUNDARY = "raytune_qvl.boundary"  # a sweep winner at the edge of its range, and what to try next
+TAG_CHEAPEST = "raytune_qvl.cheapest_within"  # a sweep's cheapest trial within cost.within of the best
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"  # which view MLflow's UI opens an experiment in
 _SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.I)

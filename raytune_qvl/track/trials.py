@@ -36,14 +36,22 @@ _TUNE_INTERNAL = {
 
 class SweepTracking(Callback):
     """`describe(sampled) -> params` gives a trial's MLflow params (the sweep's PointResolver);
-    `predictions` is the path of a trial's predictions file, with `{trial_id}` in it."""
+    `predictions` is the path of a trial's predictions file, with `{trial_id}` in it;
+    `cost(last_result) -> {name: value}` what the trial cost, logged as cost_<name> at its end."""
 
     def __init__(
-        self, tracking_uri: str, experiment: str, parent_run_id: str, stage: str, describe: Any, predictions: str
+        self,
+        tracking_uri: str,
+        experiment: str,
+        parent_run_id: str,
+        stage: str,
+        describe: Any,
+        predictions: str,
+        cost: Any = None,
     ):
         self.tracking_uri, self.experiment = tracking_uri, experiment
         self.parent_run_id, self.stage, self.describe = parent_run_id, stage, describe
-        self.predictions = predictions
+        self.predictions, self.cost = predictions, cost
         self.runs: dict[str, str] = {}
         self.pending: dict[str, list[tuple[dict, int]]] = {}  # trial id -> reports not written yet
         self._tracker: Tracker | None = None
@@ -102,10 +110,17 @@ class SweepTracking(Callback):
             self._flush(trial)
         self.tracker.flush()
 
+    def _log_cost(self, run_id: str, last: dict) -> None:
+        if self.cost is not None:
+            cost = {f"cost_{k}": v for k, v in self.cost(last).items()}
+            if cost:
+                self.tracker.log_metrics(run_id, cost, step=int(last.get("step", 0) or 0))
+
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
         run_id = self._run_for(trial)
         self._flush(trial)
+        self._log_cost(run_id, last)
         if last.get("finished"):
             tags = {TAG_STATUS: "completed"}
         else:
@@ -126,6 +141,7 @@ class SweepTracking(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._run_for(trial)
         self._flush(trial)
+        self._log_cost(run_id, trial.last_result or {})  # what it used before it failed
         self.tracker.set_tags(run_id, {TAG_STATUS: "failed", TAG_REASON: trial_error(trial)})
         error_file = getattr(trial, "error_file", None)
         if error_file and Path(str(error_file)).is_file():  # the whole traceback, where people look for it

@@ -147,19 +147,23 @@ def _progress(s: Session) -> dict[str, Any]:
     }
 
 
-def _peak_memory(s: Session) -> dict[str, Any]:
+def _run_footprint(s: Session) -> dict[str, Any]:
     """The run's peak memory per worker, at its end: host RSS (the largest and smallest over the
-    workers, GiB) and, on GPUs, the largest peak of allocated device memory."""
+    workers, GiB) and, on GPUs, the largest peak of allocated device memory; and what it trained
+    (trainable parameters: with peak memory, the cost a sweep weighs against quality)."""
     import resource
 
     import torch
+
+    from raytune_qvl.train.lora import trainable_by_part
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     values = [-rss, rss]
     if s.ctx.on_gpu:
         values.append(-torch.cuda.max_memory_allocated() / 2**30)
     reduced = all_reduce_min(values, s.engine.device)
-    peaks = {"peak_host_rss_gb_max": -reduced[0], "peak_host_rss_gb_min": reduced[1]}
+    trainable = sum(t for t, _ in trainable_by_part(s.engine.module).values())
+    peaks = {"peak_host_rss_gb_max": -reduced[0], "peak_host_rss_gb_min": reduced[1], "trainable_params": trainable}
     if s.ctx.on_gpu:
         peaks["peak_gpu_memory_gb_max"] = -reduced[2]
     return peaks
@@ -314,7 +318,7 @@ def run(s: Session) -> dict[str, Any]:
                 if state.best_metric is not None:
                     metrics[f"best_{metric_name}"] = state.best_metric
                 if last:  # the final adapter is on disk before the report that says the run finished
-                    metrics.update(_peak_memory(s))
+                    metrics.update(_run_footprint(s))
                     _save_final(s, output_dir / FINAL_DIR, {**last_metrics, **metrics})
                 report = {**metrics, "finished": last}
                 if step % t.save_steps == 0 or last:

@@ -172,13 +172,31 @@ def test_staged_sweep_with_a_failure_an_interrupt_and_a_resume(tiny_assets: Path
             assert c.info.status == "FINISHED"
             history = client.get_metric_history(c.info.run_id, "eval_loss")
             assert len(history) >= 1
+        # what every trial cost: worker-seconds, samples; full runs also parameters and peak memory
+        assert c.data.metrics["cost_worker_seconds"] > 0 and "cost_samples" in c.data.metrics
+        if c.data.tags["raytune_qvl.status"] == "completed":
+            record = next(t for t in trials if t["trial_id"] == c.data.tags["raytune_qvl.trial_id"])
+            assert c.data.metrics["cost_samples"] == record["samples_seen"] == record["cost"]["samples"]
+            assert c.data.metrics["cost_trainable_params"] > 0 and c.data.metrics["cost_peak_memory_gb"] > 0
     assert parent.data.metrics["best_eval_loss"] == pytest.approx(best_value)
     mean = (best_value + confirmation[0]["value"]) / 2
     assert parent.data.metrics["best_eval_loss_mean"] == pytest.approx(mean)
     assert parent.data.metrics["test_loss_mean"] > 0 and "test_loss_std" in parent.data.metrics
     assert parent.data.metrics["trials_failed"] == 1 and parent.data.metrics["trials_stopped"] == len(stopped)
+    # the front of eval loss against cost names the winner and the cheapest config within 1% of it
+    front = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "cost_front.json", str(tmp_path))).read_text()
+    )
+    assert front["best"] == winner["trial_id"] and front["measure"] == "worker_seconds"
+    assert {c["trial"] for c in front["configs"]} == {t["trial_id"] for t in completed}
+    assert front["cheapest_within"] in front["front"]
+    cheapest = next(c for c in front["configs"] if c["trial"] == front["cheapest_within"])
+    assert cheapest["value"] <= front["limit"] and parent.data.metrics["cheapest_eval_loss"] == cheapest["value"]
+    assert parent.data.tags["raytune_qvl.cheapest_within"] == front["cheapest_within"]
+    assert "cost front (eval_loss against worker-s" in resumed.stdout
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {
+        "plots/cost_front.png",
         "plots/optimization_history.png",
         "plots/learning_curves.png",
         "plots/parallel_coordinates.png",

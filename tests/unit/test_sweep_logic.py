@@ -233,3 +233,61 @@ def test_a_trials_engine_checkpoints_follow_checkpoint_every(tiny_space, every: 
     else:  # none before the last step, which always has one
         assert cfg.training.save_steps > 10**6
         assert "at the last step only" in make_plan(cfg, 256).checkpoint_text()
+
+
+def _costed(trial: str, value: float, seconds: float, samples: int = 64) -> TrialRecord:
+    record = _record(trial, value)
+    record.overrides = {"lora.r": int(seconds)}
+    record.cost = {"worker_seconds": seconds, "samples": float(samples), "trainable_params": 1e5}
+    return record
+
+
+def test_the_cost_front_names_the_best_and_the_cheapest_config_within_the_tolerance(tmp_path: Path) -> None:
+    from raytune_qvl.sweep.confirm import Confirmed
+    from raytune_qvl.sweep.cost import cost_front, trial_cost
+    from raytune_qvl.sweep.outputs import cost_table
+    from raytune_qvl.sweep.space import Resources
+    from raytune_qvl.track.plots import cost_front_figure
+
+    records = [
+        _costed("slow-best", 0.200, 400.0),
+        _costed("mid", 0.201, 200.0),  # within 1% of the best at half its cost
+        _costed("cheap", 0.260, 50.0),  # cheapest of all, far from the best
+        _costed("dominated", 0.300, 300.0),  # dearer than mid and worse: off the front
+    ]
+    kw = dict(metric="eval_cer", mode="min", measure="worker_seconds", best_trial="slow-best")
+    front = cost_front(records, [], [], within=0.01, **kw)
+    assert [e.trial_id for e in front.front] == ["cheap", "mid", "slow-best"]
+    assert front.best.trial_id == "slow-best" and front.cheapest.trial_id == "mid"
+    assert cost_front(records, [], [], within=0.0, **kw).cheapest.trial_id == "slow-best"
+    assert cost_front(records, [], [], within=0.5, **kw).cheapest.trial_id == "cheap"
+    # a confirmed config counts with its mean value and the mean cost of its runs
+    again = TrialRecord("again", "confirm", {"of": "mid", "seed": 1}, {}, 0.207, "confirmation")
+    again.cost = {"worker_seconds": 260.0}
+    confirmed = cost_front(records, [Confirmed("mid", {}, [0.201, 0.207])], [again], within=0.01, **kw)
+    mid = next(e for e in confirmed.entries if e.trial_id == "mid")
+    assert mid.value == pytest.approx(0.204) and mid.runs == 2 and mid.cost["worker_seconds"] == pytest.approx(230.0)
+    assert confirmed.cheapest.trial_id == "slow-best"  # 0.204 is more than 1% above 0.200
+    # higher-is-better metrics: the tolerance is below the best
+    up = [_costed("a", 0.90, 100.0), _costed("b", 0.895, 10.0), _costed("c", 0.80, 1.0)]
+    maxed = cost_front(up, [], [], metric="eval_exact_match", mode="max", measure="worker_seconds", within=0.01,
+                       best_trial="a")  # fmt: skip
+    assert maxed.cheapest.trial_id == "b" and [e.trial_id for e in maxed.front] == ["c", "b", "a"]
+
+    table = cost_table(front)
+    assert "cheapest within 1% of the best: mid" in table
+    rows = {line.split()[1]: line for line in table.splitlines() if line[:2].strip().isdigit()}
+    assert list(rows) == ["cheap", "mid", "slow-best"]
+    assert rows["mid"].endswith("cheapest within 1%") and rows["slow-best"].endswith("best")
+    assert "dominated" not in table
+    fig = cost_front_figure(front.to_dict())
+    fig.savefig(tmp_path / "front.png")
+    assert (tmp_path / "front.png").stat().st_size > 10_000
+
+    # what a trial's last report costs: wall time x workers (x GPUs), samples, parameters, memory
+    last = {"time_total_s": 30.0, "samples_seen": 96, "trainable_params": 1234, "peak_host_rss_gb_max": 2.5,
+            "peak_gpu_memory_gb_max": 20.0}  # fmt: skip
+    cpu = trial_cost(last, Resources(workers_per_trial=2))
+    assert cpu == {"worker_seconds": 60.0, "samples": 96.0, "trainable_params": 1234.0, "peak_memory_gb": 2.5}
+    gpu = trial_cost(last, Resources(workers_per_trial=2, use_gpu=True, gpus_per_worker=1))
+    assert gpu["gpu_seconds"] == 60.0 and gpu["peak_memory_gb"] == 20.0
