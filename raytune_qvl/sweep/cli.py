@@ -4,6 +4,7 @@ MLflow, the best configuration written out, resumable.
 
 Run as:
     python -m raytune_qvl.sweep search_spaces/ocr_doc.yaml [key=value ...] [--dry-run] [--resume]
+        [--warm-start outputs/sweeps/<earlier sweep>]
 
 `key=value` overrides the search-space file (e.g. resources.max_concurrent_trials=2).
 """
@@ -34,6 +35,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     parser.add_argument("--overwrite", action="store_true", help="delete a previous sweep of this name and start over")
     parser.add_argument(
+        "--warm-start",
+        metavar="PATH",
+        default=None,
+        help="seed this sweep from an earlier sweep of the same task (its folder, <output_dir>/<name>): its trials "
+        "are known results, never trained again; its best is the starting point",
+    )
+    parser.add_argument(
         "--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)"
     )
     args = parser.parse_intermixed_args(argv)
@@ -52,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from raytune_qvl.sweep.run import run_sweep
 
         started = time.perf_counter()
-        run_sweep(space, base, resume=args.resume, overwrite=args.overwrite)
+        run_sweep(space, base, resume=args.resume, overwrite=args.overwrite, warm_start=args.warm_start)
         print(f"sweep finished in {time.perf_counter() - started:.0f}s")
 
     run_cli(run)

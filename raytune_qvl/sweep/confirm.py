@@ -95,11 +95,16 @@ def run_confirmation(sweep: Sweep, *, restore: bool) -> list[TrialRecord]:
     if restore and tune.Tuner.can_restore(experiment):
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
+        # a warm start's source may have confirmed a candidate already: its runs count here
+        done = {(r.sampled.get("of"), r.sampled.get("seed")) for r in sweep.state.records() if r.origin}
         specs = [
             {"of": rec.trial_id, "overrides": rec.overrides, "seed": seed}
             for rec in candidates(sweep)
             for seed in range(1, space.confirm.seeds + 1)
+            if (rec.trial_id, seed) not in done
         ]
+        if not specs:
+            return []
         predictions = str(Path(trial_dir(str(sweep.dir.absolute()), "{trial_id}")) / "best" / "predictions.json")
         tracking = SweepTracking(
             sweep.tracker.uri,

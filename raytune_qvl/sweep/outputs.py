@@ -29,6 +29,7 @@ __all__ = [
     "mean_std",
     "boundary_advice",
     "reading_sample",
+    "trial_folder",
 ]
 
 log = logging.getLogger("raytune_qvl")
@@ -42,6 +43,11 @@ _TABLE_KEYS = {
 }
 
 
+def trial_folder(sweep: Sweep, record: TrialRecord) -> Path:
+    """Where a trial's outputs are: this sweep's trials/, or its source's for an imported record."""
+    return Path(trial_dir(record.origin or str(sweep.dir), record.trial_id))
+
+
 def ranked(sweep: Sweep) -> list[TrialRecord]:
     """Every trained trial of the sweep with a value, best first."""
     return rank(sweep.state.trained(), sweep.space.mode)
@@ -50,11 +56,14 @@ def ranked(sweep: Sweep) -> list[TrialRecord]:
 def prune_checkpoints(sweep: Sweep, keep: list[str] = ()) -> None:
     """Sweeps must not fill the disk: engine checkpoints of finished trials go (they only
     serve restarts), and adapters stay for the best `keep_best_adapters` trials only (and the
-    trials in `keep`: the confirmed configs, one of which best/ copies)."""
+    trials in `keep`: the confirmed configs, one of which best/ copies). A warm start's source
+    is never touched."""
     best = ranked(sweep)[: max(1, sweep.space.keep_best_adapters)]
     keep = {r.trial_id for r in best} | set(keep)
     storage = train_storage(sweep.space)
     for rec in sweep.state.trained():
+        if rec.origin:
+            continue
         if "://" not in storage:
             for ckpt in (Path(storage) / rec.trial_id).glob("checkpoint-*"):
                 shutil.rmtree(ckpt, ignore_errors=True)
@@ -97,8 +106,10 @@ def write_best(sweep: Sweep, best: TrialRecord) -> Path:
         "value": best.value,
         "overrides": best.overrides,
     }
+    if best.origin:
+        summary["from_warm_start"] = best.origin  # trained by the sweep this one was seeded from
     (tmp / "best.json").write_text(json.dumps(summary, indent=2))
-    trial = Path(trial_dir(str(sweep.dir), best.trial_id))
+    trial = trial_folder(sweep, best)
     # the trained adapter; for a trial ASHA stopped, the one at its best evaluation
     adapter = next((d for d in (trial / FINAL_DIR, trial / BEST_DIR) if (d / "adapter_config.json").is_file()), None)
     if adapter is not None:
@@ -121,12 +132,15 @@ def top_table(sweep: Sweep, records: list[TrialRecord], counts: dict[str, int]) 
         f"{_TABLE_KEYS[k]:>8}" for k in keys
     )
     title = (
-        f"top trials ({counts['completed']} completed, {counts['stopped']} stopped by ASHA, {counts['failed']} failed):"
+        f"top trials ({counts['completed']} completed, {counts['stopped']} stopped by ASHA, {counts['failed']} failed"
     )
+    warm = sum(1 for r in records if r.origin)
+    title += f"; {warm} full runs of the warm start's source, status warm):" if warm else "):"
     lines = ["", title, header]
     for i, r in enumerate(records[:10], start=1):
         values = "  ".join(_cell(r.overrides.get(k, "")) for k in keys)
-        lines.append(f"{i:>2}  {r.trial_id:<22} {r.stage:<28} {r.status:<9} {r.value:>10.4f}  {values}")
+        status = "warm" if r.origin else r.status
+        lines.append(f"{i:>2}  {r.trial_id:<22} {r.stage:<28} {status:<9} {r.value:>10.4f}  {values}")
     return "\n".join(lines)
 
 

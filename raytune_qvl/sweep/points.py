@@ -15,6 +15,7 @@ from raytune_qvl.config.overrides import apply_overrides
 from raytune_qvl.config.problems import pydantic_problems
 from raytune_qvl.config.schema import Config
 from raytune_qvl.errors import ConfigError
+from raytune_qvl.sweep.records import point_key
 from raytune_qvl.sweep.space import EFFECTIVE_BATCH, LR_FACTOR, LR_KEY, RANK_KEY, SAMPLER_KEY, SearchSpace
 
 __all__ = [
@@ -176,6 +177,28 @@ class PointResolver:
 
     def __getstate__(self) -> dict[str, Any]:  # the cached objects are rebuilt where it lands
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def sample_of(
+        self, params: Mapping[str, Any], point: Mapping[str, Any], overrides: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """The values of `params` (a stage's domains) at which this resolver builds a config trained
+        before (its point and overrides): the config lies in the stage's slice of the space. None
+        when it does not (another value held fixed, or a value outside a domain)."""
+        sample = {k: point[k] for k in params if k != LR_FACTOR and k in point}
+        if len(sample) + (LR_FACTOR in params) != len(params):
+            return None
+        try:
+            if LR_FACTOR in params:  # the factor that moves the scaled rate to the one it trained with
+                at_one = self.overrides({**sample, LR_FACTOR: 1.0}).get(LR_KEY)
+                if not at_one or LR_KEY not in overrides:
+                    return None
+                sample[LR_FACTOR] = float(overrides[LR_KEY]) / float(at_one)
+            if not all(params[k].contains(v) for k, v in sample.items()):
+                return None
+            built = self.overrides(sample)
+        except (ConfigError, ValueError, TypeError, KeyError):
+            return None
+        return sample if point_key(built) == point_key(overrides) else None
 
     def describe(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
         """What MLflow shows for a trial: the sampled values and the derived ones."""

@@ -50,6 +50,7 @@ class TrialRecord:
     point: dict[str, Any] = field(default_factory=dict)  # every searched parameter, fixed ones included
     sampler: str = ""  # what suggested the point: grid, random, tpe start-up (random), tpe
     cost: dict[str, float] = field(default_factory=dict)  # sweep/cost.py: worker_seconds, samples, ...
+    origin: str = ""  # the folder of the sweep that trained it, when imported by a warm start (warm.py)
 
 
 @dataclass

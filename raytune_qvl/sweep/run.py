@@ -31,6 +31,7 @@ from raytune_qvl.sweep.outputs import (
     reading_sample,
     sweep_front,
     top_table,
+    trial_folder,
     write_best,
 )
 from raytune_qvl.sweep.plan import concurrency_for, local_gpus
@@ -38,6 +39,7 @@ from raytune_qvl.sweep.points import starting_batch, starting_point
 from raytune_qvl.sweep.records import TrialRecord, best_record, resolved_point
 from raytune_qvl.sweep.space import EFFECTIVE_BATCH, SearchSpace, stages
 from raytune_qvl.sweep.state import STATE_FILE, SweepState
+from raytune_qvl.sweep.warm import load_warm_start, sweep_digest
 from raytune_qvl.train.outputs import PREDICTIONS_FILE, make_dir, writable_dir_problem
 
 __all__ = ["run_sweep", "SweepResult", "SweepInterrupted"]
@@ -58,7 +60,10 @@ class SweepResult:
     tracking_uri: str | None
 
 
-def run_sweep(space: SearchSpace, base: Config, *, resume: bool = False, overwrite: bool = False) -> SweepResult:
+def run_sweep(
+    space: SearchSpace, base: Config, *, resume: bool = False, overwrite: bool = False, warm_start: str | None = None
+) -> SweepResult:
+    """`warm_start`: the folder of an earlier sweep of the same task to seed this one from (warm.py)."""
     from raytune_qvl.cluster import check_outputs_outside_job_dir, check_storage, ray_session
     from raytune_qvl.train.ops import check_ops_on_workers
     from raytune_qvl.sweep.progress import quiet_trial_errors
@@ -75,11 +80,24 @@ def run_sweep(space: SearchSpace, base: Config, *, resume: bool = False, overwri
             (space.source, "mlflow.tracking_uri", uri),
         ]
     )
+    _check_warm_start_path(space, warm_start, resume)
     state = _prepare_dir(space, resume=resume, overwrite=overwrite)
     check_server(uri)  # before any data work or trial
     prep_started = time.perf_counter()
     pre = preflight(base)  # once per sweep: the trials read the prepared data from the cache
     prep_seconds = time.perf_counter() - prep_started
+    digest = sweep_digest(space, base, [s.fingerprint for s in (pre.train, pre.eval) if s is not None])
+    if warm_start and not state.warm_start:
+        warm = load_warm_start(warm_start, space, base, digest)
+        state.add_records(warm.records)
+        state.warm_start = warm.summary()
+        best = f"its best {warm.best.trial_id} is the starting point" if warm.best else "none of its full runs fits"
+        print(
+            f"warm start from {warm.source}: {_count(len(warm.records), 'trained run')} in this space "
+            f"({warm.outside} outside it); {best}",
+            flush=True,
+        )
+    state.digest = state.digest or digest
     _check_feasible(space, base, len(pre.train.items))
     # DeepSpeed's compiled ops are there or buildable (here; on a cluster's nodes once joined)
     ops_config, ops_source = (
@@ -100,7 +118,7 @@ def run_sweep(space: SearchSpace, base: Config, *, resume: bool = False, overwri
         parent = state.parent_run_id
         log.info("resuming sweep %s (MLflow parent run %s)", space.name, parent)
     else:
-        parent = log_sweep_start(tracker, space, base, pre, prep_seconds)
+        parent = log_sweep_start(tracker, space, base, pre, prep_seconds, state.warm_start)
         state.parent_run_id, state.tracking_uri = parent, uri
         state.save(space.sweep_dir / STATE_FILE)
     sweep = Sweep(space, base, pre, state, tracker, parent, resume=resume)
@@ -140,6 +158,19 @@ def run_sweep(space: SearchSpace, base: Config, *, resume: bool = False, overwri
     state.finished = True
     sweep.save_state()
     return SweepResult(space.sweep_dir, best, state.trials, parent, uri)
+
+
+def _check_warm_start_path(space: SearchSpace, warm_start: str | None, resume: bool) -> None:
+    if not warm_start:
+        return
+    if resume:
+        rule = "a resumed sweep keeps the warm start it began with; drop --warm-start, or start a new sweep"
+        raise ConfigError([Problem(space.source, "--warm-start", rule, show_value=False)])
+    folder = Path(warm_start)
+    folder = folder.parent if folder.name == STATE_FILE else folder
+    if folder.absolute().resolve() == space.sweep_dir.absolute().resolve():
+        rule = f"{warm_start} is this sweep's own folder: give this sweep another name (name=...)"
+        raise ConfigError([Problem(space.source, "--warm-start", rule, show_value=False)])
 
 
 def _prepare_dir(space: SearchSpace, *, resume: bool, overwrite: bool) -> SweepState:
@@ -195,7 +226,9 @@ def _run_stages(sweep: Sweep) -> None:
 
     space, state = sweep.space, sweep.state
     fixed = starting_point(space, sweep.base)
-    lr_batch = starting_batch(sweep.base, space)
+    if state.warm_start:  # the source's best, where its values lie in this space
+        fixed.update(state.warm_start["start"])
+    lr_batch = int(fixed.get(EFFECTIVE_BATCH, starting_batch(sweep.base, space)))
     incumbent: TrialRecord | None = None
     for stage in stages(space):
         done = state.stages.get(stage.label, {})
@@ -270,7 +303,6 @@ def _fmt_point(point: dict[str, Any], float_format: str = ".3g") -> str:
 
 def _finish(sweep: Sweep, finished_tags: dict[str, Any]) -> dict[str, Any]:
     """best/, pruning, the parent run's results and plots, the table and the way to the UI."""
-    from raytune_qvl.sweep.trial import trial_dir
     from raytune_qvl.track.runs import log_sweep_result
     from raytune_qvl.track.tracker import TAG_BEST_TRIAL
     from raytune_qvl.track.ui import UI_ADDRESS, compare_url, sweep_trials
@@ -288,7 +320,7 @@ def _finish(sweep: Sweep, finished_tags: dict[str, Any]) -> dict[str, Any]:
     best_dir = write_best(sweep, best)
     prune_checkpoints(sweep, keep=[c.trial_id for c in confirmations])
     counts = sweep.state.counts()
-    predictions = Path(trial_dir(str(sweep.dir), best.trial_id)) / "best" / PREDICTIONS_FILE
+    predictions = trial_folder(sweep, best) / "best" / PREDICTIONS_FILE
     advice = boundary_advice(space, best)
     front = sweep_front(sweep, records, confirmations, best)
     log_sweep_result(

@@ -48,8 +48,10 @@ class UniqueSearch(Searcher):
     """Wraps OptunaSearch so a stage never trains a configuration twice: a suggestion equal to
     one already trained (in this stage or an earlier one) is told to Optuna with the known
     result once (a repeat after that is dropped, not counted again) instead of being trained, and a
-    finite space that is used up ends the stage. Every suggestion carries the name of what made it
-    (SAMPLER_KEY): `grid`, `random`, `tpe start-up (random)` or `tpe`."""
+    finite space that is used up ends the stage. `evaluated`: (sampled values, value) of configs
+    trained before that lie in this stage's slice (an earlier stage's, a warm start's source's):
+    Optuna is told them before its first suggestion. Every suggestion carries the name of what
+    made it (SAMPLER_KEY): `grid`, `random`, `tpe start-up (random)` or `tpe`."""
 
     def __init__(
         self,
@@ -60,6 +62,7 @@ class UniqueSearch(Searcher):
         seed: int,
         sampler: str = "tpe",
         startup: int = 0,
+        evaluated: list[tuple[dict[str, Any], float]] = (),
     ):
         super().__init__(metric=inner.metric, mode=inner.mode)
         self.inner = inner
@@ -71,6 +74,12 @@ class UniqueSearch(Searcher):
         self.keys: dict[str, tuple] = {}
         self.rng = random.Random(seed)
         self.sampler, self.startup = sampler, startup  # TPE models after `startup` completed trials
+        for params, value in evaluated:
+            key = point_key(resolver.overrides(params))
+            if key not in self.told:
+                self.inner.add_evaluated_point(params, value)
+                self.told.add(key)
+                self.known[key] = value
 
     def _label(self, enqueued: bool) -> str:
         if enqueued:
@@ -155,10 +164,16 @@ class UniqueSearch(Searcher):
 
 
 def make_searcher(
-    space: SearchSpace, stage: Stage, resolver: PointResolver, known: Mapping[tuple, float | None], study_db: Path
+    space: SearchSpace,
+    stage: Stage,
+    resolver: PointResolver,
+    known: Mapping[tuple, float | None],
+    study_db: Path,
+    evaluated: list[tuple[dict[str, Any], float]] = (),
 ) -> UniqueSearch:
     """The stage's searcher (see sampler_for) over the stage's parameters, its Optuna study kept in
-    `study_db`, told the results of points trained before."""
+    `study_db`, told the results of points trained before (`evaluated`: those in its slice, up
+    front; any other known point when it is suggested)."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -178,7 +193,9 @@ def make_searcher(
         study_name=f"{space.name}-{stage.label}",
         storage=optuna.storages.RDBStorage(f"sqlite:///{study_db}"),
     )
-    return UniqueSearch(inner, resolver, stage.params, dict(known), seed=seed, sampler=name, startup=startup)
+    return UniqueSearch(
+        inner, resolver, stage.params, dict(known), seed=seed, sampler=name, startup=startup, evaluated=evaluated
+    )
 
 
 def max_budget(space: SearchSpace, base: Config, stage: Stage, fixed: dict[str, Any], num_samples: int) -> float:

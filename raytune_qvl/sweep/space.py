@@ -70,6 +70,17 @@ class Domain(_Strict):
     def extremes(self) -> list[Any]:
         return self.values() or [self.low, self.high]
 
+    def contains(self, value: Any) -> bool:
+        """Whether `value` is one this domain can suggest (a choice, or in the range on its step)."""
+        if self.choices is not None:
+            return any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in self.choices)
+        if isinstance(value, bool) or not isinstance(value, int | float) or self.low is None or self.high is None:
+            return False
+        tol = 1e-9 * max(abs(self.low), abs(self.high), 1e-12)
+        if not self.low - tol <= value <= self.high + tol:
+            return False
+        return self.step is None or abs((value - self.low) / self.step - round((value - self.low) / self.step)) < 1e-6
+
 
 class BaseFiles(_Strict):
     config: str  # training YAML

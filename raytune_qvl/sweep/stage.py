@@ -4,6 +4,7 @@ records — points trained in an earlier stage count as candidates without being
 
 from __future__ import annotations
 
+import math
 import signal
 from functools import partial
 from pathlib import Path
@@ -15,7 +16,7 @@ from raytune_qvl.sweep.cost import trial_cost
 from raytune_qvl.sweep.points import PointResolver
 from raytune_qvl.sweep.records import StageOutcome, TrialRecord, last_value, point_key, tune_results
 from raytune_qvl.sweep.search import make_scheduler, make_searcher, max_budget
-from raytune_qvl.sweep.space import SAMPLER_KEY, Stage, grid
+from raytune_qvl.sweep.space import SAMPLER_KEY, Stage
 from raytune_qvl.sweep.trial import FetchOutputs, run_trial, train_storage, trial_dir
 
 __all__ = ["run_stage", "InterruptWatch", "unfinished"]
@@ -43,6 +44,7 @@ def run_stage(
         for t in sweep.state.trials
         if t["status"] not in ("failed", "reused")
     }
+    members = in_slice(stage, resolver, sweep.state.records())
     context = {
         "space": resolver.space,
         "base": resolver.base,
@@ -81,6 +83,7 @@ def run_stage(
             resolver,
             {key: value for key, (value, _, _) in known.items()},
             (sweep.dir / "optuna.db").absolute(),
+            evaluated=[(sample, rec.value) for sample, rec in members],
         )
         scheduler = make_scheduler(space, stage, max_budget(space, base, stage, fixed, sweep.num_samples))
         progress = SweepProgress(stage.label, space.metric, resolver.overrides)
@@ -90,18 +93,32 @@ def run_stage(
     watch = InterruptWatch()
     results = watch.run(tuner.fit)
     records = _records(stage, results, resolver, space)
-    # points of this stage's space trained in an earlier stage count as its candidates without
-    # being trained again (the incumbent is already a candidate of every stage)
+    # full runs of this stage's slice trained before (in an earlier stage, or by a warm start's source)
+    # count as its candidates without being trained again (the incumbent is already one)
     skip = {point_key(r.overrides) for r in records} | ({point_key(incumbent.overrides)} if incumbent else set())
-    for sampled in grid(stage.params) or []:
-        overrides = resolver.overrides(sampled)
-        key = point_key(overrides)
-        value, trial_id, status = known.get(key, (None, None, None))
-        if value is not None and status == "completed" and key not in skip:
+    for sample, rec in members:
+        key = point_key(rec.overrides)
+        if rec.status == "completed" and key not in skip:
             skip.add(key)
-            point = resolver.point(sampled)
-            records.append(TrialRecord(trial_id, stage.label, dict(sampled), overrides, value, "reused", point=point))
+            point = resolver.point(sample)
+            reused = TrialRecord(rec.trial_id, stage.label, sample, rec.overrides, rec.value, "reused", point=point)
+            reused.cost = dict(rec.cost)
+            records.append(reused)
     return StageOutcome(stage.label, records, interrupted=watch.interrupted or unfinished(results))
+
+
+def in_slice(stage: Stage, resolver: PointResolver, records: list[TrialRecord]) -> list[tuple[dict, TrialRecord]]:
+    """(the stage's sampled values, record) of every config trained to a value before that lies in
+    the stage's slice of the space: the values held fixed equal, the stage's values in its domains.
+    One per config (a full run before a stopped one)."""
+    out: dict[tuple, tuple[dict, TrialRecord]] = {}
+    for rec in sorted(records, key=lambda r: r.status != "completed"):
+        if rec.status not in ("completed", "stopped") or rec.value is None or not math.isfinite(rec.value):
+            continue
+        sample = resolver.sample_of(stage.params, rec.point, rec.overrides)
+        if sample is not None:
+            out.setdefault(point_key(rec.overrides), (sample, rec))
+    return list(out.values())
 
 
 def _tuner(trainable: Any, stage: Stage, sweep: Sweep, searcher: Any, scheduler: Any, callbacks: list[Any]) -> Any:

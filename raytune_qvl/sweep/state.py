@@ -24,6 +24,8 @@ class SweepState:
     trials: list[dict[str, Any]] = field(default_factory=list)  # every trial record so far
     baseline: dict[str, Any] | None = None  # the metric before fine-tuning: {value, trial}
     finished: bool = False
+    digest: str = ""  # what makes trials of two sweeps comparable (warm.sweep_digest)
+    warm_start: dict[str, Any] | None = None  # WarmStart.summary() of a warm-started sweep
 
     @classmethod
     def load(cls, path: Path) -> "SweepState":
@@ -42,11 +44,15 @@ class SweepState:
         return [r for r in self.records() if r.status != "reused"]
 
     def set_stage_records(self, stage: str, records: list[TrialRecord]) -> None:
-        self.trials = [t for t in self.trials if t["stage"] != stage] + [asdict(r) for r in records]
+        """The stage's own records (records imported by a warm start keep their stage labels)."""
+        self.trials = [t for t in self.trials if t["stage"] != stage or t.get("origin")] + [asdict(r) for r in records]
+
+    def add_records(self, records: list[TrialRecord]) -> None:
+        self.trials += [asdict(r) for r in records]
 
     def measure_baseline(self, metric: str) -> None:
         """The metric of the model before any fine-tuning, from a trial's step-0 evaluation."""
-        for record in self.trained():
+        for record in (r for r in self.trained() if not r.origin):
             start = [h for h in record.history if h.get("step") == 0]
             value = last_value(start, metric)
             if value is not None:
@@ -54,4 +60,6 @@ class SweepState:
                 return
 
     def counts(self) -> dict[str, int]:
-        return {s: sum(1 for t in self.trials if t["status"] == s) for s in ("completed", "stopped", "failed")}
+        """This sweep's own trials by status (records a warm start imported are not counted)."""
+        own = [t for t in self.trials if not t.get("origin")]
+        return {s: sum(1 for t in own if t["status"] == s) for s in ("completed", "stopped", "failed")}

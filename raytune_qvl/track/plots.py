@@ -67,7 +67,7 @@ def figures(space: Any, records: list[Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     stages = sorted({r.stage for r in records})
     colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(stages)}
-    trained = [r for r in records if r.status != "reused"]
+    trained = [r for r in records if r.status != "reused" and not r.origin]  # this sweep's own trials
 
     # optimization history: every trial's value in launch order, best so far
     fig, ax = plt.subplots(figsize=(8, 4.5))

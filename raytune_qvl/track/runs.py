@@ -115,8 +115,11 @@ def _table_row(row: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- a sweep's parent run
 
 
-def log_sweep_start(tracker: Tracker, space: Any, base: Any, pre: Any, prep_seconds: float) -> str:
-    """A sweep's parent run: how it searches, the search-space file, the data audit. Returns its id."""
+def log_sweep_start(
+    tracker: Tracker, space: Any, base: Any, pre: Any, prep_seconds: float, warm_start: dict[str, Any] | None = None
+) -> str:
+    """A sweep's parent run: how it searches, the search-space file, the data audit, and the warm
+    start it was seeded from (WarmStart.summary(): params warm_start.*, warm_start.json). Returns its id."""
     tags = {TAG_KIND: "sweep", TAG_STRATEGY: space.strategy, TAG_SWEEP_DIR: str(Path(space.sweep_dir).absolute())}
     parent = tracker.start_run(space.name, tags)
     params = {
@@ -131,7 +134,11 @@ def log_sweep_start(tracker: Tracker, space: Any, base: Any, pre: Any, prep_seco
         "model": base.model.name,
         "seed": space.seed,
     }
+    if warm_start:
+        params |= {f"warm_start.{k}": v for k, v in warm_start.items() if k != "start"}
     tracker.log_params(parent, params)
+    if warm_start:
+        tracker.log_dict(parent, warm_start, "warm_start.json")
     tracker.log_artifact(parent, space.source, "search_space")
     log_audit(tracker, parent, pre)
     tracker.log_metrics(parent, {"data_prep_seconds": prep_seconds}, step=0)

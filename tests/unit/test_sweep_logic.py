@@ -291,3 +291,57 @@ def test_the_cost_front_names_the_best_and_the_cheapest_config_within_the_tolera
     assert cpu == {"worker_seconds": 60.0, "samples": 96.0, "trainable_params": 1234.0, "peak_memory_gb": 2.5}
     gpu = trial_cost(last, Resources(workers_per_trial=2, use_gpu=True, gpus_per_worker=1))
     assert gpu["gpu_seconds"] == 60.0 and gpu["peak_memory_gb"] == 20.0
+
+
+def test_a_warm_start_tells_the_sources_points_and_starts_from_its_best(tiny_space, tmp_path: Path) -> None:
+    import json
+
+    from raytune_qvl.sweep.search import make_searcher
+    from raytune_qvl.sweep.space import stages
+    from raytune_qvl.sweep.stage import in_slice
+    from raytune_qvl.sweep.warm import load_warm_start, sweep_digest
+
+    space, base = tiny_space
+    digest = sweep_digest(space, base, ["train-rows", "eval-rows"])
+    lr = "training.learning_rate"
+    full = {"lora.r": 16, "lora.lora_alpha": 32, "training.gradient_accumulation_steps": 2, "training.num_epochs": 4}
+    source = tmp_path / "earlier"
+    (source / "best").mkdir(parents=True)
+    trials = [
+        TrialRecord("best", "s1", {lr: 3e-4}, {lr: 3e-4, **full}, 0.2, "completed"),
+        TrialRecord("same-r", "s1", {lr: 1e-3}, {lr: 1e-3, **full}, 0.3, "stopped"),
+        TrialRecord("lr-only", "s1", {lr: 1e-4}, {lr: 1e-4}, 0.4, "completed"),  # the rest at the base's values
+        TrialRecord("dora", "s2", {}, {lr: 1e-3, "lora.use_dora": True}, 0.1, "completed"),  # not in this space
+        TrialRecord("broken", "s1", {lr: 3e-3}, {lr: 3e-3, **full}, None, "failed"),
+    ]
+    state = SweepState(name="earlier", digest=digest)
+    state.add_records(trials)
+    state.save(source / "sweep_state.json")
+    (source / "best" / "best.json").write_text(json.dumps({"trial": "best"}))
+
+    warm = load_warm_start(str(source), space, base, digest)
+    assert [r.trial_id for r in warm.records] == ["best", "same-r", "lr-only"] and warm.outside == 1
+    assert all(r.origin == str(source.absolute()) for r in warm.records)
+    lr_only = warm.records[2]
+    assert lr_only.overrides["lora.r"] == 8 and lr_only.point["effective_batch"] == 16  # the base's, made explicit
+    assert warm.best.trial_id == "best"
+    assert warm.start == {lr: 3e-4, "lora.r": 16, "effective_batch": 16, "training.num_epochs": 4}
+
+    # stage 1 searches the rate with the rest held at the source's best: the best and the stopped
+    # trial at the same rank lie in its slice and are told before any suggestion; lr-only (rank 8) not
+    stage = stages(space)[0]
+    held = {k: v for k, v in warm.start.items() if k not in stage.params}
+    resolver = PointResolver(space.model_dump(mode="json"), base.model_dump(mode="json"), held, 16)
+    members = in_slice(stage, resolver, warm.records)
+    assert sorted(rec.trial_id for _, rec in members) == ["best", "same-r"]
+    known = {point_key(r.overrides): r.value for r in warm.records}
+    searcher = make_searcher(space, stage, resolver, known, tmp_path / "optuna.db", [(s, r.value) for s, r in members])
+    told = sorted((t.params[lr], t.value) for t in searcher.inner._ot_study.trials if t.state.name == "COMPLETE")
+    assert told == [(3e-4, 0.2), (1e-3, 0.3)]
+    suggested = {searcher.suggest(f"t{i}")[lr] for i in range(2)}
+    assert suggested == {1e-4, 3e-3}  # the untried rates at this rank; nothing the source trained
+
+    with pytest.raises(ConfigError, match="another task"):
+        load_warm_start(str(source), space, base, sweep_digest(space, base, ["other-rows", "eval-rows"]))
+    with pytest.raises(ConfigError, match="no sweep_state.json"):
+        load_warm_start(str(tmp_path), space, base, digest)
