@@ -98,7 +98,7 @@ def run_confirmation(sweep: Sweep, *, restore: bool) -> list[TrialRecord]:
         # a warm start's source may have confirmed a candidate already: its runs count here
         done = {(r.sampled.get("of"), r.sampled.get("seed")) for r in sweep.state.records() if r.origin}
         specs = [
-            {"of": rec.trial_id, "overrides": rec.overrides, "seed": seed}
+            {"of": rec.trial_id, "overrides": {**rec.overrides, **rec.fit}, "seed": seed}
             for rec in candidates(sweep)
             for seed in range(1, space.confirm.seeds + 1)
             if (rec.trial_id, seed) not in done

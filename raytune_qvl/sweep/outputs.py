@@ -79,7 +79,7 @@ def write_best(sweep: Sweep, best: TrialRecord) -> Path:
     tmp = best_dir.with_name("best.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cfg = apply_to_config(base, best.overrides, space.source)
+    cfg = apply_to_config(base, {**best.overrides, **best.fit}, space.source)  # fit: the micro batch it ran at
     run_settings = {
         "output.dir": str((best_dir / "run").absolute()),
         "ray.num_workers": space.resources.workers_per_trial,
@@ -106,6 +106,8 @@ def write_best(sweep: Sweep, best: TrialRecord) -> Path:
         "value": best.value,
         "overrides": best.overrides,
     }
+    if best.fit:
+        summary["memory_fit"] = best.fit  # it ran out of memory at the base's micro batch
     if best.origin:
         summary["from_warm_start"] = best.origin  # trained by the sweep this one was seeded from
     (tmp / "best.json").write_text(json.dumps(summary, indent=2))

@@ -62,10 +62,17 @@ def quiet_trial_errors() -> None:
 
 
 class SweepProgress(Callback):
-    """`overrides(sampled) -> config overrides` names what a trial trains (the sweep's PointResolver)."""
+    """`overrides(sampled) -> config overrides` names what a trial trains (the sweep's PointResolver);
+    `micro`: the base's micro batch (a trial that ran out of memory halves it, and says so)."""
 
-    def __init__(self, stage: str, metric: str, overrides: Any):
-        self.stage, self.metric, self.overrides = stage, metric, overrides
+    def __init__(self, stage: str, metric: str, overrides: Any, micro: int | None = None):
+        self.stage, self.metric, self.overrides, self.micro = stage, metric, overrides, micro
+
+    def _micro(self, trial: Any) -> int | None:
+        try:
+            return self.overrides(trial.config).get("training.per_device_train_batch_size", self.micro)
+        except Exception:  # noqa: BLE001
+            return self.micro
 
     def _say(self, trial: Any, text: str) -> None:
         print(f"  [{self.stage}] {trial.trial_id}  {text}", flush=True)
@@ -88,7 +95,13 @@ class SweepProgress(Callback):
         value = last.get(self.metric)
         shown = f" ({self.metric} {value:.4f})" if isinstance(value, (int, float)) else ""
         if last.get("finished"):
-            self._say(trial, f"completed{shown}")
+            micro = last.get("micro_batch")
+            fitted = ""
+            given = self._micro(trial)
+            if micro is not None and given is not None and micro != given:
+                accum = last.get("accumulation_steps")
+                fitted = f" (out of memory at micro {given}: ran at micro {micro} x accumulation {accum})"
+            self._say(trial, f"completed{shown}{fitted}")
         else:
             self._say(trial, f"stopped by ASHA at epoch {last.get('epoch', 0):.2f}{shown}")
 

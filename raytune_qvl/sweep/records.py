@@ -20,7 +20,12 @@ __all__ = [
     "last_value",
     "resolved_point",
     "tune_results",
+    "INFEASIBLE",
+    "memory_fit",
 ]
+
+# the reason of a failed trial whose point cannot fit in memory at any micro batch: never tried again
+INFEASIBLE = "infeasible"
 
 
 def point_key(overrides: Mapping[str, Any]) -> tuple:
@@ -50,6 +55,9 @@ class TrialRecord:
     point: dict[str, Any] = field(default_factory=dict)  # every searched parameter, fixed ones included
     sampler: str = ""  # what suggested the point: grid, random, tpe start-up (random), tpe
     cost: dict[str, float] = field(default_factory=dict)  # sweep/cost.py: worker_seconds, samples, ...
+    # the micro batch and accumulation the trial fitted in memory with, when it had to halve its micro
+    # batch (same effective batch): what best/ and a confirmation run train with
+    fit: dict[str, int] = field(default_factory=dict)
     origin: str = ""  # the folder of the sweep that trained it, when imported by a warm start (warm.py)
 
 
@@ -69,6 +77,18 @@ def rank(records: Iterable[TrialRecord], mode: str) -> list[TrialRecord]:
     """The records that ran their full budget with a finite value, best first (ties: launch order)."""
     scored = [r for r in records if r.status in RANKED and r.value is not None and math.isfinite(r.value)]
     return sorted(scored, key=lambda r: r.value if mode == "min" else -r.value)
+
+
+def memory_fit(metrics: Mapping[str, Any], micro: int) -> dict[str, int]:
+    """The micro batch x accumulation a trial's last report says it ran with, when that is not the
+    `micro` it was given (it ran out of memory and halved it; see trial.run_trial), else {}."""
+    ran = metrics.get("micro_batch")
+    if ran is None or int(ran) == micro:
+        return {}
+    return {
+        "training.per_device_train_batch_size": int(ran),
+        "training.gradient_accumulation_steps": int(metrics["accumulation_steps"]),
+    }
 
 
 def best_record(records: Iterable[TrialRecord], mode: str) -> TrialRecord | None:

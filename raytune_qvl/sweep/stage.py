@@ -10,13 +10,24 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from raytune_qvl.config.schema import Config
 from raytune_qvl.errors import trial_error
 from raytune_qvl.sweep.context import Sweep
 from raytune_qvl.sweep.cost import trial_cost
 from raytune_qvl.sweep.points import PointResolver
-from raytune_qvl.sweep.records import StageOutcome, TrialRecord, last_value, point_key, tune_results
+from raytune_qvl.sweep.records import (
+    INFEASIBLE,
+    StageOutcome,
+    TrialRecord,
+    last_value,
+    memory_fit,
+    point_key,
+    tune_results,
+)
 from raytune_qvl.sweep.search import make_scheduler, make_searcher, max_budget
 from raytune_qvl.sweep.space import SAMPLER_KEY, Stage
+
+MICRO_KEY = "training.per_device_train_batch_size"
 from raytune_qvl.sweep.trial import FetchOutputs, run_trial, train_storage, trial_dir
 
 __all__ = ["run_stage", "InterruptWatch", "unfinished"]
@@ -38,11 +49,12 @@ def run_stage(
     held = {k: v for k, v in fixed.items() if k not in stage.params}
     resolver = PointResolver(space.model_dump(mode="json"), base.model_dump(mode="json"), held, lr_batch)
     # configurations trained in earlier stages: key -> (value, the trial that trained it, its status);
-    # the searcher learns every value (a stopped trial's too), only full runs become candidates here
+    # the searcher learns every value (a stopped trial's too), only full runs become candidates here;
+    # a point that fits in memory at no micro batch is known too (no value): never tried again
     known = {
         point_key(t["overrides"]): (t["value"], t["trial_id"], t["status"])
         for t in sweep.state.trials
-        if t["status"] not in ("failed", "reused")
+        if t["status"] not in ("failed", "reused") or str(t.get("reason", "")).startswith(INFEASIBLE)
     }
     members = in_slice(stage, resolver, sweep.state.records())
     context = {
@@ -86,7 +98,8 @@ def run_stage(
             evaluated=[(sample, rec.value) for sample, rec in members],
         )
         scheduler = make_scheduler(space, stage, max_budget(space, base, stage, fixed, sweep.num_samples))
-        progress = SweepProgress(stage.label, space.metric, resolver.overrides)
+        micro = base.training.per_device_train_batch_size
+        progress = SweepProgress(stage.label, space.metric, resolver.overrides, micro)
         fetch = FetchOutputs(train_storage(space), str(sweep.dir.absolute()))
         tuner = _tuner(trainable, stage, sweep, searcher, scheduler, [fetch, tracking, progress])
 
@@ -176,6 +189,7 @@ def _records(stage: Stage, results: Any, resolver: PointResolver, space: Any) ->
     """The stage's Tune results as records: status, value (the last reported metric), budget
     reached, cost."""
     metric, out = space.metric, []
+    micro = Config.model_validate(resolver.base).training.per_device_train_batch_size
     kept = ("step", "epoch", "samples_seen", "loss", "eval_loss")
     for result, trial_id, trial, history in tune_results(results, lambda c: c in kept or c.startswith("eval_")):
         metrics = result.metrics or {}
@@ -209,6 +223,7 @@ def _records(stage: Stage, results: Any, resolver: PointResolver, space: Any) ->
                 resolver.point(sampled),
                 sampler,
                 trial_cost(metrics, space.resources),
+                memory_fit(metrics, int(overrides.get(MICRO_KEY, micro))),
             )
         )
     return out

@@ -9,26 +9,35 @@ from typing import Any
 
 from ray.tune import Callback
 
-__all__ = ["TrialFailed", "run_trial", "trial_dir", "train_storage", "is_transient", "FetchOutputs"]
+__all__ = [
+    "TrialFailed",
+    "run_trial",
+    "trial_dir",
+    "train_storage",
+    "is_transient",
+    "is_out_of_memory",
+    "smaller_micro",
+    "FetchOutputs",
+]
 
 log = logging.getLogger("raytune_qvl")
 
-# what a run that failed for no fault of its point dies of: a lost worker or node, memory, start-up
+# what a run that failed for no fault of its point dies of: a lost worker or node, start-up
 _TRANSIENT = (
     "ActorDiedError",
     "RayActorError",
     "ActorUnavailableError",
     "NodeDiedError",
     "WorkerCrashedError",
-    "OutOfMemoryError",
     "WorkerGroupStartupTimeoutError",
     "died unexpectedly",
-    "out of memory",
 )
+# what a run that needs more memory than it has dies of: torch's (GPU) OutOfMemoryError, or Ray's
+# memory monitor killing a worker for the host's
+_MEMORY = ("OutOfMemoryError", "out of memory", "CUDA error: out of memory", "running low on memory")
 
 
-def is_transient(exc: BaseException, reason: str) -> bool:
-    """A failure worth one more try of the same point (not a divergence or a bug in its config)."""
+def _failure_texts(exc: BaseException, reason: str) -> list[str]:
     seen, texts, visited = exc, [reason], set()
     while seen is not None and id(seen) not in visited:
         visited.add(id(seen))
@@ -36,7 +45,29 @@ def is_transient(exc: BaseException, reason: str) -> bool:
         for failure in (getattr(seen, "worker_failures", None) or {}).values():
             texts.append(f"{type(failure).__name__}: {failure}")
         seen = seen.__cause__ or seen.__context__
-    return any(marker in text for text in texts for marker in _TRANSIENT)
+    return texts
+
+
+def is_out_of_memory(exc: BaseException, reason: str) -> bool:
+    """A failure for want of memory: the point may fit at a smaller micro batch."""
+    return any(marker in text for text in _failure_texts(exc, reason) for marker in _MEMORY)
+
+
+def is_transient(exc: BaseException, reason: str) -> bool:
+    """A failure worth one more try of the same point (not a divergence, memory or a bug in its config)."""
+    if is_out_of_memory(exc, reason):
+        return False
+    return any(marker in text for text in _failure_texts(exc, reason) for marker in _TRANSIENT)
+
+
+def smaller_micro(micro: int) -> int | None:
+    """The next micro batch to try after running out of memory at `micro`: the largest divisor of
+    it up to its half (so accumulation x micro / next keeps the effective batch whole), down to 1.
+
+    >>> [smaller_micro(m) for m in (8, 6, 3, 1)]
+    [4, 3, 1, None]
+    """
+    return next((d for d in range(micro // 2, 0, -1) if micro % d == 0), None)
 
 
 class TrialFailed(RuntimeError):
@@ -90,7 +121,8 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
 
     from raytune_qvl.config.schema import Config
     from raytune_qvl.errors import worker_error
-    from raytune_qvl.sweep.points import eval_steps_for, starting_batch, trial_config
+    from raytune_qvl.sweep.points import apply_to_config, eval_steps_for, starting_batch, trial_config
+    from raytune_qvl.sweep.records import INFEASIBLE
     from raytune_qvl.sweep.space import CONFIRM_KEY, EFFECTIVE_BATCH, SAMPLER_KEY, SearchSpace
     from raytune_qvl.train.trainer import build_trainer
 
@@ -114,12 +146,13 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         eval_on_start=context.get("eval_on_start", False),
         confirm=confirm,
     )
-    for attempt in (1, 2):
+    retried, name = False, trial_id
+    while True:
         trainer = build_trainer(
             cfg,
             None,
             callbacks=[TuneReportCallback()],
-            name=trial_id,
+            name=name,
             storage_path=train_storage(space),
             verbose=False,
             driver_node=context.get("driver_node"),
@@ -129,9 +162,26 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
             break
         except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; keep their one-line reason
             reason = worker_error(exc)
-            if attempt == 1 and is_transient(exc, reason):
+            if is_out_of_memory(exc, reason):
+                # the same experiment in less memory: half the micro batch, twice the accumulation
+                # (the same effective batch, samples and steps), as a new run (no checkpoint of the old)
+                t = cfg.training
+                micro = smaller_micro(t.per_device_train_batch_size)
+                if micro is None:
+                    raise TrialFailed(f"{INFEASIBLE}: out of memory at micro batch 1 ({reason})") from None
+                accum = t.gradient_accumulation_steps * t.per_device_train_batch_size // micro
+                print(
+                    f"trial {trial_id}: out of memory at micro batch {t.per_device_train_batch_size}; "
+                    f"retrying at micro {micro} x accumulation {accum} (the same effective batch)",
+                    flush=True,
+                )
+                fit = {"training.per_device_train_batch_size": micro, "training.gradient_accumulation_steps": accum}
+                cfg, name = apply_to_config(cfg, fit, space.source or "search space"), f"{trial_id}-micro{micro}"
+                continue
+            if not retried and is_transient(exc, reason):
                 # the same point once more, from its last checkpoint (the same run name and storage)
                 print(f"trial {trial_id}: {reason}; retrying once", flush=True)
+                retried = True
                 continue
             raise TrialFailed(reason) from None
     diverged = (result.metrics or {}).get("diverged")

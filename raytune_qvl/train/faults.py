@@ -11,6 +11,11 @@ environment variables that reach every Ray worker (the trainer passes RAYTUNE_QV
         reader of its output runs
     RAYTUNE_QVL_FAULT_KILL="STEP[,STEP...]" | "section.key=value@STEP[,STEP...]"
         the last worker kills itself (SIGKILL) right after optimizer step STEP (and its report)
+    RAYTUNE_QVL_FAULT_OOM="MICRO" | "section.key=value@MICRO[;...]"
+        every worker raises torch.OutOfMemoryError at its first optimizer step when the run's micro
+        batch (training.per_device_train_batch_size) is above MICRO: a point that fits only at a
+        smaller micro batch (MICRO 0: at none); specs separated by ";", the first that names a value
+        of the run's config applies, else one without a value
     RAYTUNE_QVL_FAULT_CHAOS="SEED[:KILLS]"
         chaos in the spirit of Ray's node-kill release tests, without a timer: every run draws
         KILLS (default 1) distinct steps before its last and, for each, the worker that kills
@@ -42,6 +47,7 @@ __all__ = [
     "FAULT_PAUSE_ENV",
     "FAULT_KILL_ENV",
     "FAULT_CHAOS_ENV",
+    "FAULT_OOM_ENV",
     "PAUSED_MESSAGE",
     "nan_fault",
     "chaos_kills",
@@ -52,6 +58,7 @@ FAULT_NAN_ENV = "RAYTUNE_QVL_FAULT_NAN"
 FAULT_PAUSE_ENV = "RAYTUNE_QVL_FAULT_PAUSE"
 FAULT_KILL_ENV = "RAYTUNE_QVL_FAULT_KILL"
 FAULT_CHAOS_ENV = "RAYTUNE_QVL_FAULT_CHAOS"
+FAULT_OOM_ENV = "RAYTUNE_QVL_FAULT_OOM"
 PAUSED_MESSAGE = "fault injection: paused at optimizer step"
 
 
@@ -80,6 +87,21 @@ def _steps(cfg: Config, env: str) -> set[int]:
     return {int(s) for s in steps.split(",") if s.strip()}
 
 
+def _memory_limit(cfg: Config) -> int | None:
+    """The largest micro batch that 'fits' under RAYTUNE_QVL_FAULT_OOM for this run, or None."""
+    spec = os.environ.get(FAULT_OOM_ENV)
+    if not spec:
+        return None
+    fallback = None
+    for part in (p.strip() for p in spec.split(";") if p.strip()):
+        assignment, _, micro = part.rpartition("@")
+        if not assignment:
+            fallback = int(micro) if fallback is None else fallback
+        elif _has(cfg, assignment):
+            return int(micro)
+    return fallback
+
+
 def chaos_kills(cfg: Config, total_steps: int, world_size: int) -> dict[int, int]:
     """Step -> the rank that kills itself after it, for this run under RAYTUNE_QVL_FAULT_CHAOS."""
     spec = os.environ.get(FAULT_CHAOS_ENV)
@@ -101,6 +123,17 @@ class Faults:
         self.pauses = _steps(cfg, FAULT_PAUSE_ENV)
         self.kills = _steps(cfg, FAULT_KILL_ENV) if rank == world_size - 1 else set()
         self.kills |= {step for step, who in chaos_kills(cfg, total_steps, world_size).items() if who == rank}
+        self.memory_limit = _memory_limit(cfg)
+        self.micro = cfg.training.per_device_train_batch_size
+
+    def before_step(self) -> None:
+        """Out of memory (injected) when the run's micro batch is above RAYTUNE_QVL_FAULT_OOM's."""
+        if self.memory_limit is not None and self.micro > self.memory_limit:
+            import torch
+
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory (fault injection: micro batch {self.micro} is above {self.memory_limit})"
+            )
 
     def _first_time(self, kind: str, step: int) -> bool:
         """True once per run for this kind, step and rank (the marker is made here)."""

@@ -35,7 +35,15 @@ from raytune_qvl.train.engine import (
     device_sum,
     gathered_trainable_state,
 )
-from raytune_qvl.train.outputs import BEST_DIR, COMPLETE_MARKER, DIVERGED_FILE, FINAL_DIR, replace_dir, ship_outputs
+from raytune_qvl.train.outputs import (
+    BEST_DIR,
+    COMPLETE_MARKER,
+    DIVERGED_FILE,
+    FINAL_DIR,
+    remember_out_of_memory,
+    replace_dir,
+    ship_outputs,
+)
 from raytune_qvl.train.session import Reporter, Session, setup
 
 __all__ = ["train", "run", "train_window", "token_count", "evaluate_loss"]
@@ -163,7 +171,15 @@ def _run_footprint(s: Session) -> dict[str, Any]:
         values.append(-torch.cuda.max_memory_allocated() / 2**30)
     reduced = all_reduce_min(values, s.engine.device)
     trainable = sum(t for t, _ in trainable_by_part(s.engine.module).values())
-    peaks = {"peak_host_rss_gb_max": -reduced[0], "peak_host_rss_gb_min": reduced[1], "trainable_params": trainable}
+    t = s.cfg.training
+    peaks = {
+        "peak_host_rss_gb_max": -reduced[0],
+        "peak_host_rss_gb_min": reduced[1],
+        "trainable_params": trainable,
+        # what the run fitted in memory with (a sweep's trial may have halved its micro batch to fit)
+        "micro_batch": t.per_device_train_batch_size,
+        "accumulation_steps": t.gradient_accumulation_steps,
+    }
     if s.ctx.on_gpu:
         peaks["peak_gpu_memory_gb_max"] = -reduced[2]
     return peaks
@@ -252,7 +268,13 @@ def run(s: Session) -> dict[str, Any]:
             # the window's token count over every rank stays on the device: no host sync per step
             tokens = device_sum(sum(token_count(b) for b in window), engine.device)
             log["tokens"] += sum(input_tokens(b) for b in window)  # host batches
-            share = train_window(engine, window, tokens, ctx.world_size, nan=inject_nan and state.global_step >= 1)
+            try:
+                injected.before_step()
+                share = train_window(engine, window, tokens, ctx.world_size, nan=inject_nan and state.global_step >= 1)
+            except torch.OutOfMemoryError as exc:
+                reason = (str(exc).strip().splitlines() or ["out of memory"])[0]
+                remember_out_of_memory(output_dir, t.per_device_train_batch_size, s.started_at, reason)
+                raise
             state.micro_batch += len(window)
             window = []
 

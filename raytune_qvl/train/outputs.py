@@ -45,6 +45,8 @@ __all__ = [
     "make_output",
     "training_fingerprint",
     "config_changes",
+    "remember_out_of_memory",
+    "ran_out_of_memory",
 ]
 
 FINAL_DIR = "final"  # <output.dir>/final: the trained adapter, processor and resolved configs
@@ -54,6 +56,30 @@ DIVERGED_FILE = "diverged.json"  # in the checkpoint reported when the loss beca
 RUN_FILE = ".raytune_qvl_run.json"  # the MLflow run id of this output folder, for resumes
 PREDICTIONS_FILE = "predictions.json"  # in best/: the generation eval behind the best adapter
 OUTPUTS_DIR = "outputs"  # in a run's last checkpoint: final/ and best/ from a node other than the driver's
+
+
+MEMORY_DIR = ".memory"  # <output.dir>/.memory/micro-<N>.json: this launch ran out of memory at micro N
+
+
+def remember_out_of_memory(output_dir: Path, micro: int, launched: float, reason: str) -> None:
+    """Mark that this launch of the run (`launched`: the driver's start time, the same for every
+    worker-group restart of it) ran out of memory at micro batch `micro`: Ray Train restarts the
+    worker group from its last checkpoint, and the restarted workers fail at once
+    (ran_out_of_memory) instead of loading the model to run out of memory again; a sweep then
+    halves the micro batch. A new launch (a rerun of the command) tries again."""
+    folder = Path(output_dir) / MEMORY_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"micro-{micro}.json").write_text(json.dumps({"launched": launched, "reason": reason[:500]}))
+
+
+def ran_out_of_memory(output_dir: Path, micro: int, launched: float) -> str | None:
+    """The reason this launch of the run ran out of memory at this micro batch before, or None."""
+    marker = Path(output_dir) / MEMORY_DIR / f"micro-{micro}.json"
+    try:
+        seen = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return seen.get("reason") if seen.get("launched") == launched else None
 
 
 def replace_dir(target: Path, write: Callable[[Path], None]) -> None:

@@ -25,6 +25,7 @@ from raytune_qvl.train.engine import (
     init_distributed,
 )
 from raytune_qvl.train.ops import check_ops
+from raytune_qvl.train.outputs import ran_out_of_memory
 
 __all__ = ["Reporter", "LocalReporter", "Session", "setup", "seed_everything"]
 
@@ -146,6 +147,11 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
     plan = make_plan(cfg, num_samples=len(train_split.items))
 
     # model (partitioned as it loads under ZeRO-3) + LoRA (or every weight, for full fine-tuning) + DeepSpeed
+    earlier = ran_out_of_memory(Path(cfg.output.dir), t.per_device_train_batch_size, started_at)
+    if earlier:  # a worker group restarted after running out of memory would only do it again
+        import torch
+
+        raise torch.OutOfMemoryError(f"{earlier} (in an earlier attempt of this run; not loading the model again)")
     ds_config, notes = device_config(plan.deepspeed, on_gpu=ctx.on_gpu)
     missing = check_ops(ds_config, on_gpu=ctx.on_gpu)  # before minutes of model loading
     if missing:

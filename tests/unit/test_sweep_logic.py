@@ -345,3 +345,35 @@ def test_a_warm_start_tells_the_sources_points_and_starts_from_its_best(tiny_spa
         load_warm_start(str(source), space, base, sweep_digest(space, base, ["other-rows", "eval-rows"]))
     with pytest.raises(ConfigError, match="no sweep_state.json"):
         load_warm_start(str(tmp_path), space, base, digest)
+
+
+def test_running_out_of_memory_halves_the_micro_batch_instead_of_retrying_the_same_point(monkeypatch) -> None:
+    import torch
+
+    from raytune_qvl.sweep.records import memory_fit
+    from raytune_qvl.sweep.trial import is_out_of_memory, is_transient, smaller_micro
+    from raytune_qvl.train.faults import FAULT_OOM_ENV, Faults
+
+    assert [smaller_micro(m) for m in (8, 6, 4, 3, 2, 1)] == [4, 3, 2, 1, 1, None]
+    oom = RuntimeError("worker 0: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert is_out_of_memory(oom, str(oom)) and not is_transient(oom, str(oom))
+    died = RuntimeError("worker 1: ray.exceptions.ActorDiedError: The actor died unexpectedly")
+    assert is_transient(died, str(died)) and not is_out_of_memory(died, str(died))
+    assert not is_out_of_memory(ValueError("bad"), "bad") and not is_transient(ValueError("bad"), "bad")
+    ran = {"micro_batch": 2, "accumulation_steps": 8}
+    assert memory_fit(ran, 4) == {"training.per_device_train_batch_size": 2, "training.gradient_accumulation_steps": 8}
+    assert memory_fit(ran, 2) == {} and memory_fit({}, 4) == {}
+
+    # the fault hook: the spec naming a value of the run's config first, else the plain one
+    from raytune_qvl.config.load import load_config
+
+    tiny = ROOT / "configs/tiny"
+    cfg = load_config(str(tiny / "training_config.yaml"), str(tiny / "lora_config.yaml"), check_files=False)
+    monkeypatch.setenv(FAULT_OOM_ENV, f"lora.r={cfg.lora.r}@0;2")
+    with pytest.raises(torch.OutOfMemoryError, match="micro batch 4 is above 0"):
+        Faults(cfg, 0, 1).before_step()
+    monkeypatch.setenv(FAULT_OOM_ENV, "lora.r=999@0;4")
+    Faults(cfg, 0, 1).before_step()  # micro 4 fits under 4
+    monkeypatch.setenv(FAULT_OOM_ENV, "lora.r=999@0;3")
+    with pytest.raises(torch.OutOfMemoryError):
+        Faults(cfg, 0, 1).before_step()

@@ -1,0 +1,78 @@
+"""Out-of-memory trials on the tiny model, with the fault hook that raises torch.OutOfMemoryError
+above a micro batch (RAYTUNE_QVL_FAULT_OOM): a point that fits at a smaller micro batch is retried
+at half the micro batch and twice the accumulation and trains its planned steps; a point that fits
+at none is recorded as infeasible once and never tried again; best/ trains at the micro batch
+that fitted."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
+
+
+def test_out_of_memory_halves_the_micro_batch_and_an_infeasible_point_is_tried_once(
+    tiny_assets: Path, tmp_path: Path
+) -> None:
+    raw = {
+        "name": "memory",
+        "base": {
+            "config": str(ROOT / "configs/tiny/training_config.yaml"),
+            "lora_config": str(ROOT / "configs/tiny/lora_config.yaml"),
+            "deepspeed": str(ROOT / "configs/tiny/ds_config_zero2.json"),
+        },
+        "overrides": {
+            "training.per_device_train_batch_size": 4,
+            "training.gradient_accumulation_steps": 4,  # effective batch 16
+            "training.num_epochs": 1,
+            "evaluation.generation_samples": 4,
+            "evaluation.max_new_tokens": 8,
+        },
+        "parameters": {"lora.r": {"choices": [4, 16]}},
+        "trials_per_stage": 3,  # room for the searcher to suggest the infeasible point again
+        "metric": "eval_loss",
+        "mode": "min",
+        "evals_per_epoch": 2,
+        "asha": {"enabled": False},
+        "confirm": {"top_k": 0},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "memory"},
+        "storage_path": str(tmp_path / "ray"),
+        "output_dir": str(tmp_path / "sweeps"),
+    }
+    space = tmp_path / "memory.yaml"
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    # rank 16 fits at no micro batch; every other point only at micro 2 or less
+    env = {**os.environ, "RAYTUNE_QVL_FAULT_OOM": "lora.r=16@0;2"}
+    run = run_cli("raytune_qvl.sweep", str(space), env=env, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Traceback" not in run.stdout + run.stderr
+
+    state = json.loads((tmp_path / "sweeps" / "memory" / "sweep_state.json").read_text())
+    by_rank: dict[int, list[dict]] = {}
+    for t in state["trials"]:
+        by_rank.setdefault(t["overrides"]["lora.r"], []).append(t)
+    (infeasible,) = by_rank[16]  # tried once, however often the searcher came back to it
+    assert infeasible["status"] == "failed" and infeasible["reason"].startswith("infeasible: out of memory")
+    (fitted,) = by_rank[4]
+    assert fitted["status"] == "completed"
+    assert fitted["fit"] == {"training.per_device_train_batch_size": 2, "training.gradient_accumulation_steps": 8}
+    # the same experiment: the planned steps (256 samples / effective batch 16) and samples
+    last = fitted["history"][-1]
+    assert last["step"] == 16 and last["samples_seen"] == 256
+    assert "out of memory at micro 4: ran at micro 2 x accumulation 8" in run.stdout
+    assert " failed: infeasible: out of memory at micro batch 1" in run.stdout
+
+    # best/ trains at the micro batch that fitted, with the same effective batch
+    best = tmp_path / "sweeps" / "memory" / "best"
+    training = yaml.safe_load((best / "training_config.yaml").read_text())
+    flat = {**training.get("training", {}), **training}
+    assert flat["per_device_train_batch_size"] == 2 and flat["gradient_accumulation_steps"] == 8
+    assert json.loads((best / "best.json").read_text())["memory_fit"] == fitted["fit"]
