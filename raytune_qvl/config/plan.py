@@ -14,6 +14,7 @@ from typing import Any
 from raytune_qvl.config import batch_math
 from raytune_qvl.config.deepspeed import fill_deepspeed, first_step_ratio, zero_stage
 from raytune_qvl.config.schema import Config
+from raytune_qvl.config.memory import MemoryEstimate, estimate_memory
 from raytune_qvl.config.sizes import OFFLOAD_BYTES_PER_SECOND, Sizes, estimate_sizes, human_bytes
 from raytune_qvl.errors import ConfigError, Problem
 
@@ -89,6 +90,7 @@ class Plan:
     deepspeed: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     sizes: Sizes | None = None  # parameter and checkpoint sizes (None: no config.json at hand)
+    memory: MemoryEstimate | None = None  # memory per worker before anything loads (None: no config.json)
 
     @property
     def zero_stage(self) -> int:
@@ -131,6 +133,17 @@ class Plan:
             f"the adapter alone {human_bytes(s.adapter_bytes)}), up to "
             f"{human_bytes(s.checkpoint_bytes * min(saves, t.save_total_limit))} on disk"
         )
+
+    def memory_text(self) -> str:
+        if self.memory is None:
+            return "estimate unknown until the model's config.json is downloaded"
+        ckpt = "with" if self.cfg.environment.gradient_checkpointing else "without"
+        how = (
+            "the data's token lengths"
+            if self.memory.from_data
+            else f"an upper bound at max_length {self.cfg.data.max_length}"
+        )
+        return f"~{self.memory.format()}; activations from {how}, {ckpt} checkpointing"
 
     @property
     def total_samples(self) -> int:
@@ -205,6 +218,7 @@ class Plan:
                 f"best by {c.training.metric_for_best_model} ({'max' if c.greater_is_better else 'min'})",
             ),
             ("checkpoints", self.checkpoint_text()),
+            ("memory", self.memory_text()),
             (
                 "DeepSpeed",
                 f"ZeRO-{self.zero_stage}"
@@ -226,8 +240,10 @@ def _offloads(ds: dict[str, Any]) -> bool:
     return any((zero.get(k) or {}).get("device") in ("cpu", "nvme") for k in ("offload_optimizer", "offload_param"))
 
 
-def make_plan(cfg: Config, num_samples: int | None = None) -> Plan:
-    """Derive every number of the run. `num_samples` defaults to the records in the file."""
+def make_plan(cfg: Config, num_samples: int | None = None, lengths: tuple[int, int] | None = None) -> Plan:
+    """Derive every number of the run. `num_samples` defaults to the records in the file;
+    `lengths`: the data audit's 99th-percentile (text, image) tokens per sample, for the memory
+    estimate (None: its upper bound at max_length)."""
     t = cfg.training
     world = cfg.ray.num_workers
     n = count_records(cfg.data.train_path) if num_samples is None else num_samples
@@ -248,6 +264,9 @@ def make_plan(cfg: Config, num_samples: int | None = None) -> Plan:
         source=cfg.paths.deepspeed or "DeepSpeed config",
     )
     sizes = estimate_sizes(cfg)
+    zero = filled.config.get("zero_optimization") or {}
+    offload = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
+    memory = estimate_memory(cfg, world, int(zero.get("stage", 0) or 0), offload, lengths)
     return Plan(
         cfg=cfg,
         world_size=world,
@@ -262,6 +281,7 @@ def make_plan(cfg: Config, num_samples: int | None = None) -> Plan:
         deepspeed=filled.config,
         notes=filled.notes + _offload_generation_notes(cfg, filled.config, sizes, world),
         sizes=sizes,
+        memory=memory,
     )
 
 

@@ -52,6 +52,10 @@ class Audit:
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__} | {"bad_fraction": self.bad_fraction}
 
+    def lengths(self) -> tuple[int, int] | None:
+        """(text, image) tokens per sample at the 99th percentile, when the tokens were counted."""
+        return (self.text_tokens_p99, self.image_tokens_p99) if self.tokens_counted and self.kept else None
+
     def metrics(self, prefix: str) -> dict[str, float]:
         out = {
             f"{prefix}_records": self.total,

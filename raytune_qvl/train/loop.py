@@ -166,7 +166,8 @@ def _run_footprint(s: Session) -> dict[str, Any]:
     from raytune_qvl.train.lora import trainable_by_part
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    values = [-rss, rss]
+    added = max(rss - s.rss_before_model / 2**30, 0.0)  # what the model and training added
+    values = [-rss, rss, -added]
     if s.ctx.on_gpu:
         values.append(-torch.cuda.max_memory_allocated() / 2**30)
     reduced = all_reduce_min(values, s.engine.device)
@@ -175,13 +176,15 @@ def _run_footprint(s: Session) -> dict[str, Any]:
     peaks = {
         "peak_host_rss_gb_max": -reduced[0],
         "peak_host_rss_gb_min": reduced[1],
+        # the peak less the RSS before the model loaded: what config/memory.py estimates on CPU
+        "peak_host_rss_added_gb_max": -reduced[2],
         "trainable_params": trainable,
         # what the run fitted in memory with (a sweep's trial may have halved its micro batch to fit)
         "micro_batch": t.per_device_train_batch_size,
         "accumulation_steps": t.gradient_accumulation_steps,
     }
     if s.ctx.on_gpu:
-        peaks["peak_gpu_memory_gb_max"] = -reduced[2]
+        peaks["peak_gpu_memory_gb_max"] = -reduced[3]
     return peaks
 
 

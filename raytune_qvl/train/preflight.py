@@ -39,4 +39,10 @@ def preflight(cfg: Config, *, progress: bool | None = None) -> Preflight:
     for split in (eval_split, test_split):
         if split is not None:
             check_audit(split.audit, cfg.data)
-    return Preflight(processor, train, eval_split, make_plan(cfg, num_samples=len(train.items)), test_split)
+    return Preflight(
+        processor,
+        train,
+        eval_split,
+        make_plan(cfg, num_samples=len(train.items), lengths=train.audit.lengths()),
+        test_split,
+    )

@@ -112,6 +112,17 @@ class Session:
     num_nodes: int  # nodes the workers span
     started_at: float  # wall-clock time the run (or trial) was launched, for setup_seconds
     data_seconds: float  # this worker's data preparation (a cache read when prepared before)
+    rss_before_model: float = 0.0  # host RSS (bytes) before the model loaded: what training adds is measured from it
+
+
+def _import_training_code() -> None:
+    """The model's and DeepSpeed's modules, imported before the host RSS the memory estimate is
+    compared with is read (they are tens of MB of Python, not the training's tensors)."""
+    import deepspeed.runtime.engine  # noqa: F401
+    import deepspeed.runtime.zero.stage3  # noqa: F401
+    import deepspeed.runtime.zero.stage_1_and_2  # noqa: F401
+    import peft  # noqa: F401
+    import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl  # noqa: F401
 
 
 def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float | None = None) -> Session:
@@ -144,7 +155,7 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
     for split in (eval_split, test_split):
         if split is not None:
             check_audit(split.audit, cfg.data)
-    plan = make_plan(cfg, num_samples=len(train_split.items))
+    plan = make_plan(cfg, num_samples=len(train_split.items), lengths=train_split.audit.lengths())
 
     # model (partitioned as it loads under ZeRO-3) + LoRA (or every weight, for full fine-tuning) + DeepSpeed
     earlier = ran_out_of_memory(Path(cfg.output.dir), t.per_device_train_batch_size, started_at)
@@ -153,6 +164,10 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
 
         raise torch.OutOfMemoryError(f"{earlier} (in an earlier attempt of this run; not loading the model again)")
     ds_config, notes = device_config(plan.deepspeed, on_gpu=ctx.on_gpu)
+    import psutil
+
+    _import_training_code()  # their modules are not what the memory estimate counts
+    rss_before_model = float(psutil.Process().memory_info().rss)
     missing = check_ops(ds_config, on_gpu=ctx.on_gpu)  # before minutes of model loading
     if missing:
         source = cfg.paths.deepspeed or "DeepSpeed config"
@@ -214,4 +229,5 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
         num_nodes=count_nodes(ctx),
         started_at=started_at,
         data_seconds=data_seconds,
+        rss_before_model=rss_before_model,
     )

@@ -1,0 +1,137 @@
+"""A pre-flight estimate of the memory one worker needs to train a config: pure arithmetic on the
+architecture (config.json), the batch, `max_length` and the ZeRO stage, before anything loads.
+
+Per worker, in the model's dtype (b bytes) and fp32:
+
+* weights: every parameter (b each), divided over the workers under ZeRO-3;
+* what trains (T parameters): its gradient (b), DeepSpeed's fp32 gradient partition (4), fp32 master
+  copy (4) and Adam's two moments (8) — ZeRO-1 divides the master and moments over the workers,
+  ZeRO-2 also the gradient partition, ZeRO-3 everything; optimizer offload moves master and moments
+  to the host;
+* activations for every sample of the micro batch: the tensors each decoder layer keeps for the
+  backward pass (or, with gradient checkpointing, each layer's input plus one layer's tensors while
+  it is recomputed) — the vision tower's too when it trains, over 4 patches per image token. A
+  sample is `max_length` tokens with packing (rows are filled), else its 99th-percentile length
+  from the data audit; its image tokens are the audit's share of them. Without an audit (a dry run
+  before the data was prepared) every sample is `max_length` tokens, as many of them image tokens
+  as `max_image_size` allows: an upper bound;
+* the logits and the loss: the logits, their fp32 copy, the saved log-softmax and their gradient,
+  over the vocabulary for every token of the micro batch.
+
+On the host (CPU training), add what the CPU kernels' workspaces and the allocator's arenas hold
+once training runs: HOST_RUNTIME_BYTES, measured on a 2-core machine (bench/run_bench.py, memory).
+Not counted: the CUDA context and allocator slack (about 0.5-1 GB on a GPU), the process itself
+(Python, torch, DeepSpeed: about 1.5-2 GB of host memory per worker) and the data. What a run
+measures to compare (loop.py): on GPUs, torch's peak of allocated device memory; on the host,
+the peak RSS less the RSS before the model was loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from raytune_qvl.config.schema import Config
+
+__all__ = ["MemoryEstimate", "estimate_memory"]
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+HOST_RUNTIME_BYTES = 0.11e9  # CPU training: kernel workspaces and allocator arenas, measured (module doc)
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per worker by part; `device` is where training runs (GPU, or the host on CPU)."""
+
+    parts: dict[str, float] = field(default_factory=dict)
+    device: str = "GPU"
+    offloaded: float = 0.0  # bytes per worker the optimizer offload keeps on the host instead
+    from_data: bool = False  # activations from the data audit's lengths (else the max_length bound)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    def format(self) -> str:
+        from raytune_qvl.config.sizes import human_bytes
+
+        shown = ", ".join(f"{name} {human_bytes(n)}" for name, n in self.parts.items())
+        extra = f"; {human_bytes(self.offloaded)} offloaded to the host" if self.offloaded else ""
+        return f"{human_bytes(self.total)} per worker on the {self.device} ({shown}{extra})"
+
+
+def _layer_tensors(h: int, inter: int, kv: int, lora_inputs: float) -> float:
+    """Values a decoder layer keeps per token for its backward pass: the two RMSNorms' inputs and
+    fp32 copies, the attention's q/k/v inputs and outputs and o's input, the MLP's input, gate and
+    up outputs, the activation and the product down reads, and LoRA's dropped-out inputs."""
+    return 2 * h + (h + 2 * kv) + h + h + 2 * inter + 2 * inter + lora_inputs
+
+
+def sample_tokens(cfg: Config, lengths: tuple[int, int] | None) -> tuple[float, float]:
+    """(tokens, image tokens) of one sample (a packed row) for the estimate; `lengths` is the data
+    audit's 99th-percentile (text, image) tokens per sample, or None for the upper bound."""
+    d = cfg.data
+    side = max(d.max_image_size // max(d.image_factor, 1), 1)
+    if not lengths or sum(lengths) <= 0:
+        return float(d.max_length), float(min(d.max_length, side * side))
+    text, image = lengths
+    tokens = d.max_length if d.packing else min(d.max_length, text + image)
+    return float(tokens), tokens * image / (text + image)
+
+
+def estimate_memory(
+    cfg: Config, world_size: int, zero_stage: int, offload_optimizer: bool, lengths: tuple[int, int] | None = None
+) -> MemoryEstimate | None:
+    """The estimate for `cfg` (see the module doc), or None without the model's config.json.
+    `lengths`: the data audit's 99th-percentile (text, image) tokens per sample."""
+    from raytune_qvl.config.sizes import estimate_sizes, model_dims
+
+    dims, sizes = model_dims(cfg.model.name), estimate_sizes(cfg)
+    if dims is None or sizes is None:
+        return None
+    try:
+        t = dims.get("text_config") or dims
+        h, inter, layers, vocab = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"], t["vocab_size"]
+        kv = t.get("num_key_value_heads", t["num_attention_heads"]) * (h // t["num_attention_heads"])
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+    b = _DTYPE_BYTES.get(cfg.model.torch_dtype, 2)
+    tr = cfg.training
+    n, trainable = max(world_size, 1), sizes.trainable
+    est = MemoryEstimate(device="GPU" if cfg.ray.use_gpu else "host", from_data=bool(lengths and sum(lengths) > 0))
+
+    est.parts["weights"] = (sizes.params + (trainable if tr.finetuning_type == "lora" else 0)) * b
+    if zero_stage == 3:
+        est.parts["weights"] /= n
+    grads = trainable * (b + 4) / (n if zero_stage >= 2 else 1)
+    states = trainable * 12 / (n if zero_stage >= 1 else 1)
+    est.parts["gradients"] = grads
+    if offload_optimizer and cfg.ray.use_gpu:
+        est.offloaded = states
+    else:
+        est.parts["optimizer"] = states
+
+    per_sample, image_per_sample = sample_tokens(cfg, lengths)
+    tokens = tr.per_device_train_batch_size * per_sample
+    checkpointing = cfg.environment.gradient_checkpointing
+    lora_inputs = 0.0
+    if tr.finetuning_type == "lora":
+        targets = set(cfg.lora.target_modules)
+        widths = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": h, "gate_proj": h, "up_proj": h, "down_proj": inter}
+        # dropout keeps its output (and a mask) per target; q/k/v share one input when dropout is 0
+        lora_inputs = sum(w for name, w in widths.items() if name in targets) if cfg.lora.lora_dropout else 0.0
+    per_layer = _layer_tensors(h, inter, kv, lora_inputs) * b
+    est.parts["activations"] = tokens * ((layers * h * b + per_layer) if checkpointing else layers * per_layer)
+    v = dims.get("vision_config") or {}
+    vision_trains = tr.finetuning_type == "full" and not tr.freeze_vision_tower
+    vision_trains |= tr.finetuning_type == "lora" and cfg.lora.vision_lora.enabled
+    if v and vision_trains:  # the tower keeps its tensors too: 4 patches per merged image token
+        patches = tr.per_device_train_batch_size * 4 * image_per_sample
+        hv, iv = v["hidden_size"], v["intermediate_size"]
+        layer = _layer_tensors(hv, iv, hv, 0.0) * b
+        est.parts["vision activations"] = patches * (
+            (v["depth"] * hv * b + layer) if checkpointing else v["depth"] * layer
+        )
+    # logits (model dtype), the loss's fp32 copy and saved log-softmax, the gradient of the logits
+    est.parts["logits"] = tokens * vocab * (b + 4 + 4 + 4)
+    if not cfg.ray.use_gpu:
+        est.parts["CPU runtime"] = HOST_RUNTIME_BYTES
+    return est
