@@ -186,7 +186,7 @@ def _curve(trials: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
 # ----------------------------------------------------------------------------- 2. overhead
 
 
-def _mid_size_model(out: Path) -> dict[str, Any]:
+def mid_size_model(out: Path) -> dict[str, Any]:
     """The tiny base's processor and vocabulary with a larger random network: 24 text layers of
     width 1024 and an 8-block vision tower of width 512. Returns its shape and parameter count."""
     import torch
@@ -213,7 +213,7 @@ def bench_memory(tmp: Path, repeats: int) -> dict[str, Any]:
     """Peak host RSS of each of 2 Ray workers over a whole short run (ru_maxrss, reported by the
     loop at its last step), ZeRO-2 against ZeRO-3 with CPU offload, alternating, every run kept."""
     model = tmp / "mid-qwen25vl"
-    shape = _mid_size_model(model)
+    shape = mid_size_model(model)
     # ZeRO-3 without offload and with buckets sized from the model ("auto"), to tell the offload
     # copies and the 7B-sized buckets apart from the partitioning itself
     plain3 = json.loads((ROOT / "configs/tiny/ds_config_zero3_offload.json").read_text())

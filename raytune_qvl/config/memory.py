@@ -28,10 +28,11 @@ the peak RSS less the RSS before the model was loaded."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from raytune_qvl.config.schema import Config
 
-__all__ = ["MemoryEstimate", "estimate_memory"]
+__all__ = ["MemoryEstimate", "estimate_memory", "estimate_for", "worker_memory"]
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 HOST_RUNTIME_BYTES = 0.11e9  # CPU training: kernel workspaces and allocator arenas, measured (module doc)
@@ -135,3 +136,30 @@ def estimate_memory(
     if not cfg.ray.use_gpu:
         est.parts["CPU runtime"] = HOST_RUNTIME_BYTES
     return est
+
+
+def estimate_for(
+    cfg: Config, world_size: int, ds_config: dict[str, Any], lengths: tuple[int, int] | None = None
+) -> MemoryEstimate | None:
+    """estimate_memory with the ZeRO stage and optimizer offload read from a DeepSpeed config."""
+    zero = ds_config.get("zero_optimization") or {}
+    offload = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
+    return estimate_memory(cfg, world_size, int(zero.get("stage", 0) or 0), offload, lengths)
+
+
+def worker_memory(use_gpu: bool, workers_at_once: int, given_gb: float | None = None) -> float | None:
+    """Bytes one worker may use: `given_gb` when set; else this machine's first GPU with GPUs
+    (None without one: the workers' GPUs are elsewhere), or its host memory shared by the workers
+    that run at once."""
+    if given_gb:
+        return given_gb * 1e9
+    if use_gpu:
+        try:
+            import torch
+
+            return float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
+        except ImportError:
+            return None
+    import psutil
+
+    return psutil.virtual_memory().total / max(workers_at_once, 1)

@@ -14,7 +14,7 @@ from typing import Any
 from raytune_qvl.config import batch_math
 from raytune_qvl.config.deepspeed import fill_deepspeed, first_step_ratio, zero_stage
 from raytune_qvl.config.schema import Config
-from raytune_qvl.config.memory import MemoryEstimate, estimate_memory
+from raytune_qvl.config.memory import MemoryEstimate, estimate_for
 from raytune_qvl.config.sizes import OFFLOAD_BYTES_PER_SECOND, Sizes, estimate_sizes, human_bytes
 from raytune_qvl.errors import ConfigError, Problem
 
@@ -264,9 +264,7 @@ def make_plan(cfg: Config, num_samples: int | None = None, lengths: tuple[int, i
         source=cfg.paths.deepspeed or "DeepSpeed config",
     )
     sizes = estimate_sizes(cfg)
-    zero = filled.config.get("zero_optimization") or {}
-    offload = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
-    memory = estimate_memory(cfg, world, int(zero.get("stage", 0) or 0), offload, lengths)
+    memory = estimate_for(cfg, world, filled.config, lengths)
     return Plan(
         cfg=cfg,
         world_size=world,

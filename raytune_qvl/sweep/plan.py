@@ -17,7 +17,15 @@ from raytune_qvl.sweep.points import PointResolver
 from raytune_qvl.sweep.records import point_key
 from raytune_qvl.sweep.space import EFFECTIVE_BATCH, EPOCHS_KEY, LR_KEY, SearchSpace, Stage, grid, stages
 
-__all__ = ["concurrency_for", "dry_run", "local_gpus", "sampler_for", "early_stopping"]
+__all__ = [
+    "concurrency_for",
+    "dry_run",
+    "local_gpus",
+    "sampler_for",
+    "early_stopping",
+    "memory_check",
+    "workers_at_once",
+]
 
 
 def concurrency_for(space: SearchSpace, cpus: float, gpus: float, *, trial_cpu: float = 0.0) -> int:
@@ -72,6 +80,8 @@ def dry_run(space: SearchSpace, base: Config) -> str:
             "" if early_stopping(space, stage) else "; no early stopping (whole schedules compared)"
         ))  # fmt: skip
         total += stage.trials if finite is None else min(stage.trials, len(finite))
+    memory, warnings = memory_check(space, base, None, workers_at_once(space, base))
+    lines += memory + [f"  warning: {w}" for w in warnings]
     if space.confirm.top_k and space.confirm.seeds:
         c = space.confirm
         lines.append(
@@ -108,6 +118,70 @@ def dry_run(space: SearchSpace, base: Config) -> str:
     lines.append("  " + _checkpoints_text(space, base))
     lines.append(f"  output: {space.sweep_dir.absolute()}  storage: {space.storage_path}")
     return "\n".join(lines)
+
+
+def workers_at_once(space: SearchSpace, base: Config) -> int:
+    """Workers this machine runs at once (a joined cluster: one trial's, on its own nodes)."""
+    r = space.resources
+    if base.ray.address or os.environ.get("RAY_ADDRESS"):
+        return r.workers_per_trial
+    trials = concurrency_for(space, os.cpu_count() or 1, 0 if not r.use_gpu else max(local_gpus(), 1))
+    return trials * r.workers_per_trial
+
+
+def memory_check(
+    space: SearchSpace, base: Config, lengths: tuple[int, int] | None, workers_at_once: int
+) -> tuple[list[str], list[str]]:
+    """Per stage, the pre-flight memory estimate (config/memory.py) of its most demanding point
+    (every combination of its parameters' extremes, the rest at the starting point), and a warning
+    for each stage whose estimate is above what a worker has (resources.memory_per_worker_gb, else
+    this machine's). `lengths`: the data audit's (text, image) tokens per sample (None: the
+    max_length bound). Returns (lines, warnings)."""
+    import itertools
+
+    from raytune_qvl.config.memory import estimate_for, worker_memory
+    from raytune_qvl.config.sizes import human_bytes
+    from raytune_qvl.sweep.points import apply_to_config, point_overrides
+
+    r = space.resources
+    start = starting_point(space, base)
+    have = worker_memory(r.use_gpu, workers_at_once, r.memory_per_worker_gb)
+    how = "from the data's token lengths" if lengths else f"an upper bound at max_length {base.data.max_length}"
+    lines = [
+        f"  memory per worker (pre-flight estimate, {how}" + (f"; a worker has {human_bytes(have)}):" if have else "):")
+    ]
+    warnings = []
+    for stage in stages(space):
+        worst, least = None, None
+        extremes = [[(k, v) for v in d.extremes() if v is not None] for k, d in stage.params.items()]
+        for combo in itertools.product(*extremes):
+            point = {**start, **dict(combo)}
+            try:
+                cfg = apply_to_config(
+                    base, point_overrides(space, base, point, start.get(EFFECTIVE_BATCH)), space.source
+                )
+            except ConfigError:
+                continue
+            est = estimate_for(cfg, r.workers_per_trial, base.deepspeed, lengths)
+            if est is not None and (worst is None or est.total > worst[0].total):
+                worst = (est, dict(combo))
+            if est is not None and (least is None or est.total < least):
+                least = est.total
+        if worst is None:
+            lines.append(f"    {stage.label}: unknown (no config.json for {base.model.name} at hand)")
+            continue
+        est, at = worst
+        where = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in at.items())
+        if least is not None and abs(est.total - least) < 1e-6 * est.total:
+            where = "every point (its parameters do not change it)"
+        lines.append(f"    {stage.label}: up to {est.format()} at {where}")
+        if have and est.total > have:
+            warnings.append(
+                f"{stage.label}: up to {human_bytes(est.total)} per worker at {where}, above the {human_bytes(have)} "
+                "a worker has: such trials will run out of memory and retry at smaller micro batches (or lower "
+                "data.max_length, turn on environment.gradient_checkpointing, or use ZeRO-3)"
+            )
+    return lines, warnings
 
 
 def _sampler_text(space: SearchSpace, base: Config, stage: Stage, start: dict[str, Any]) -> str:

@@ -34,7 +34,7 @@ from raytune_qvl.sweep.outputs import (
     trial_folder,
     write_best,
 )
-from raytune_qvl.sweep.plan import concurrency_for, local_gpus
+from raytune_qvl.sweep.plan import concurrency_for, local_gpus, memory_check, workers_at_once
 from raytune_qvl.sweep.points import starting_batch, starting_point
 from raytune_qvl.sweep.records import TrialRecord, best_record, resolved_point
 from raytune_qvl.sweep.space import EFFECTIVE_BATCH, SearchSpace, stages
@@ -99,6 +99,8 @@ def run_sweep(
         )
     state.digest = state.digest or digest
     _check_feasible(space, base, len(pre.train.items))
+    for warning in memory_check(space, base, pre.train.audit.lengths(), workers_at_once(space, base))[1]:
+        log.warning("memory: %s", warning)
     # DeepSpeed's compiled ops are there or buildable (here; on a cluster's nodes once joined)
     ops_config, ops_source = (
         device_config(pre.plan.deepspeed, on_gpu=space.resources.use_gpu)[0],

@@ -112,6 +112,9 @@ class Resources(_Strict):
         "PACK"  # a trial's workers over nodes
     )
     max_concurrent_trials: int | None = Field(None, ge=1)  # None: from the cluster's resources
+    # the memory a worker has, for the pre-flight estimate's warnings (GPU memory per GPU with
+    # use_gpu, else host memory); None: this machine's GPU, or its host memory over the workers at once
+    memory_per_worker_gb: float | None = Field(None, gt=0)
 
 
 class Confirm(_Strict):

@@ -76,3 +76,49 @@ def test_out_of_memory_halves_the_micro_batch_and_an_infeasible_point_is_tried_o
     flat = {**training.get("training", {}), **training}
     assert flat["per_device_train_batch_size"] == 2 and flat["gradient_accumulation_steps"] == 8
     assert json.loads((best / "best.json").read_text())["memory_fit"] == fitted["fit"]
+
+
+def _measured_and_estimated(tmp_path: Path, name: str, settings: list[str]) -> tuple[float, float]:
+    """A 3-step run in this machine's process (--no-ray: one worker) and the pre-flight estimate
+    of its config: (bytes the run's model and training added to its host RSS, estimated bytes)."""
+    from raytune_qvl.config.load import load_config
+    from raytune_qvl.train.preflight import preflight
+
+    tiny = ROOT / "configs" / "tiny"
+    files = ["--config", str(tiny / "training_config.yaml"), "--lora_config", str(tiny / "lora_config.yaml")]
+    files += ["--deepspeed", str(tiny / "ds_config_zero2.json")]
+    out = tmp_path / name
+    overrides = [
+        f"output.dir={out}",
+        "output.report_to=none",
+        "training.max_steps=3",
+        "training.eval_steps=3",
+        "training.save_steps=3",
+        "training.gradient_accumulation_steps=1",
+        "evaluation.generation_samples=0",
+        *settings,
+    ]
+    run = run_cli("raytune_qvl.train", *files, "--no-ray", *overrides, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    done = json.loads((out / "final" / "training_complete.json").read_text())
+    cfg = load_config(files[1], files[3], files[5], [*overrides, "ray.num_workers=1"])
+    estimate = preflight(cfg, progress=False).plan.memory
+    return done["peak_host_rss_added_gb_max"] * 2**30, estimate.total
+
+
+def test_the_memory_estimate_is_within_30_percent_of_the_measured_peak(tiny_assets: Path, tmp_path: Path) -> None:
+    """The tiny base (packed rows at micro 16; padded batches at micro 8 with gradient
+    checkpointing) and a mid-size random Qwen2.5-VL (24 layers of width 1024: its weights and
+    activations dominate): the plan's estimate against what each run measured."""
+    from bench.run_bench import mid_size_model
+
+    cases = {
+        "tiny-packed": ["training.per_device_train_batch_size=16", "data.packing=true"],
+        "tiny-checkpointing": ["training.per_device_train_batch_size=8", "environment.gradient_checkpointing=true"],
+    }
+    mid = tmp_path / "mid-qwen25vl"
+    mid_size_model(mid)
+    cases["mid-size"] = [f"model.name={mid}", "training.per_device_train_batch_size=2", "model.torch_dtype=float32"]
+    for name, settings in cases.items():
+        measured, estimated = _measured_and_estimated(tmp_path, name, settings)
+        assert 0.7 * measured <= estimated <= 1.3 * measured, (name, measured / 1e6, estimated / 1e6)

@@ -211,3 +211,51 @@ def test_greater_is_better_follows_the_metric() -> None:
 
     assert Config(training=TrainingConfig(metric_for_best_model="eval_anls")).greater_is_better is True
     assert Config(training=TrainingConfig(metric_for_best_model="eval_cer")).greater_is_better is False
+
+
+def test_the_memory_estimate_follows_the_zero_stage_checkpointing_offload_and_data(tiny_assets) -> None:
+    from raytune_qvl.config.memory import estimate_memory
+
+    cfg = load_config(TINY_TRAIN, TINY_LORA, ZERO2, check_files=False)
+    z2 = estimate_memory(cfg, 2, 2, False)
+    z3 = estimate_memory(cfg, 2, 3, False)
+    assert z3.parts["weights"] == pytest.approx(z2.parts["weights"] / 2)  # ZeRO-3 partitions the weights
+    assert estimate_memory(cfg, 2, 1, False).parts["gradients"] == pytest.approx(2 * z2.parts["gradients"])
+    offloaded = estimate_memory(
+        cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"use_gpu": True})}), 2, 2, True
+    )
+    assert "optimizer" not in offloaded.parts and offloaded.offloaded == pytest.approx(z2.parts["optimizer"])
+    on = cfg.model_copy(update={"environment": cfg.environment.model_copy(update={"gradient_checkpointing": True})})
+    assert estimate_memory(on, 2, 2, False).parts["activations"] < z2.parts["activations"] / 2
+    # from the data: shorter samples than max_length (unpacked), fewer image tokens, less memory
+    measured = estimate_memory(cfg, 2, 2, False, lengths=(20, 30))
+    assert measured.from_data and not z2.from_data
+    assert measured.parts["activations"] < z2.parts["activations"]
+    double = cfg.model_copy(
+        update={
+            "training": cfg.training.model_copy(
+                update={"per_device_train_batch_size": 2 * cfg.training.per_device_train_batch_size}
+            )
+        }
+    )
+    assert estimate_memory(double, 2, 2, False).parts["logits"] == pytest.approx(2 * z2.parts["logits"])
+
+
+def test_the_sweep_plan_warns_of_points_above_a_workers_memory(tiny_assets) -> None:
+    import os
+
+    from raytune_qvl.sweep.load import load_search_space
+    from raytune_qvl.sweep.plan import memory_check
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        space, base = load_search_space(ROOT / "search_spaces" / "tiny_cpu.yaml", check_files=False)
+    finally:
+        os.chdir(cwd)
+    lines, warnings = memory_check(space, base, None, 2)
+    assert len(lines) == 1 + len(space.parameters) and not warnings
+    assert "lora.r=32" in next(line for line in lines if "stage2-lora_r" in line)  # the largest rank
+    small = space.model_copy(update={"resources": space.resources.model_copy(update={"memory_per_worker_gb": 0.01})})
+    _, warnings = memory_check(small, base, None, 2)
+    assert len(warnings) == len(space.parameters) and "retry at smaller micro batches" in warnings[0]
