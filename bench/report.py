@@ -263,8 +263,32 @@ def _memory_section(memory: dict) -> list[str]:
     for name, rows in memory["runs"].items():
         runs = ", ".join(f"{r['peak_host_rss_gb_max']:.2f} / {r['peak_host_rss_gb_min']:.2f}" for r in rows)
         lines.append(f"| {name} | {runs} | {memory['median_peak_rss_gb'][name]:.2f} |")
-    lines += ["", f"ZeRO-3 (the lower of the two) ÷ ZeRO-2: {memory['zero3_vs_zero2_rss']:.2f}.", "", MEMORY_NOTES, ""]
+    lines += ["", f"ZeRO-3 (the lower of the two) ÷ ZeRO-2: {memory['zero3_vs_zero2_rss']:.2f}.", ""]
+    if "estimate_gb" in memory:
+        lines += [
+            "Where the RSS goes (GiB, the largest over the workers; `added`: the peak less the RSS before the model "
+            "loaded), and the plan's pre-flight estimate per worker (`config/memory.py`) against `added`:",
+            "",
+            "| config | runs: after loading / after the engine / after the first step / peak added | estimate | "
+            "estimate ÷ median added |",
+            "|---|---|---|---|",
+        ]
+        for name, rows in memory["runs"].items():
+            cells = ", ".join(" / ".join(f"{r.get(k, float('nan')):.2f}" for k in _PHASES) for r in rows)
+            lines.append(
+                f"| {name} | {cells} | {memory['estimate_gb'][name]:.2f} | {memory['estimate_vs_added'][name]:.2f} |"
+            )
+        lines.append("")
+    lines += [MEMORY_NOTES, ""]
     return lines
+
+
+_PHASES = (
+    "host_rss_gb_after_loaded",
+    "host_rss_gb_after_engine",
+    "host_rss_gb_after_first_step",
+    "peak_host_rss_added_gb_max",
+)
 
 
 LOOP_NOTES = """\

@@ -228,44 +228,57 @@ def bench_memory(tmp: Path, repeats: int) -> dict[str, Any]:
         "zero3_offload": "configs/tiny/ds_config_zero3_offload.json",
         "zero3_auto_buckets": str(tmp / "ds_config_zero3_auto.json"),
     }
+    settings = [
+        f"model.name={model}",
+        "output.report_to=none",
+        "ray.num_workers=2",
+        "training.max_steps=2",
+        "training.eval_steps=2",
+        "training.save_steps=2",
+        "training.logging_steps=1",
+        "training.per_device_train_batch_size=2",
+        "training.gradient_accumulation_steps=1",
+        "evaluation.generation_samples=0",
+        "model.torch_dtype=float32",
+    ]
+    kept = ("peak_host_rss_gb_max", "peak_host_rss_gb_min", "peak_host_rss_added_gb_max")
+    kept += ("host_rss_gb_after_loaded", "host_rss_gb_after_engine", "host_rss_gb_after_first_step")
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
     for i in range(repeats):
         for name, ds in configs.items():
             out = tmp / f"memory-{name}-{i}"
-            _run(
-                [
-                    "-m",
-                    "raytune_qvl.train",
-                    *TINY,
-                    "--deepspeed",
-                    ds,
-                    f"model.name={model}",
-                    f"output.dir={out}",
-                    f"ray.storage_path={tmp / 'ray'}",
-                    "output.report_to=none",
-                    "ray.num_workers=2",
-                    "training.max_steps=2",
-                    "training.eval_steps=2",
-                    "training.save_steps=2",
-                    "training.logging_steps=1",
-                    "training.per_device_train_batch_size=2",
-                    "training.gradient_accumulation_steps=1",
-                    "evaluation.generation_samples=0",
-                    "model.torch_dtype=float32",
-                ],
-                timeout=1800,
-            )
+            args = [*TINY, "--deepspeed", ds, *settings, f"output.dir={out}", f"ray.storage_path={tmp / 'ray'}"]
+            _run(["-m", "raytune_qvl.train", *args], timeout=1800)
             done = json.loads((out / "final" / "training_complete.json").read_text())
-            runs[name].append({k: done[k] for k in ("peak_host_rss_gb_max", "peak_host_rss_gb_min")})
+            runs[name].append({k: done[k] for k in kept if k in done})
             shutil.rmtree(out, ignore_errors=True)
     medians = {name: statistics.median(r["peak_host_rss_gb_max"] for r in rows) for name, rows in runs.items()}
+    added = {name: statistics.median(r["peak_host_rss_added_gb_max"] for r in rows) for name, rows in runs.items()}
+    estimates = {name: _memory_estimate_gib(ds, settings) for name, ds in configs.items()}
     return {
         "model": shape,
         "workers": 2,
         "runs": runs,
         "median_peak_rss_gb": medians,
+        "median_added_rss_gb": added,
+        "estimate_gb": estimates,
+        "estimate_vs_added": {name: estimates[name] / added[name] for name in configs},
         "zero3_vs_zero2_rss": min(medians["zero3_offload"], medians["zero3_auto_buckets"]) / medians["zero2"],
     }
+
+
+def _memory_estimate_gib(ds: str, settings: list[str]) -> float:
+    """The plan's pre-flight memory estimate per worker (config/memory.py) of a bench_memory run, GiB."""
+    from raytune_qvl.config.load import load_config
+    from raytune_qvl.train.preflight import preflight
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the tiny configs' paths are relative to the repository root
+    try:
+        cfg = load_config(TINY[1], TINY[3], ds, settings)
+        return preflight(cfg, progress=False).plan.memory.total / 2**30
+    finally:
+        os.chdir(cwd)
 
 
 def bench_cache(tmp: Path, records: int) -> dict[str, Any]:

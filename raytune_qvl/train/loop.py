@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import psutil
+
 from raytune_qvl.config.schema import Config, test_metric
 from raytune_qvl.config.write import write_configs
 from raytune_qvl.data.batches import input_tokens, packed_inputs
@@ -167,7 +169,8 @@ def _run_footprint(s: Session) -> dict[str, Any]:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     added = max(rss - s.rss_before_model / 2**30, 0.0)  # what the model and training added
-    values = [-rss, rss, -added]
+    phases = ("loaded", "engine", "first step")
+    values = [-rss, rss, -added, *(-s.rss_phases.get(p, 0.0) / 2**30 for p in phases)]
     if s.ctx.on_gpu:
         values.append(-torch.cuda.max_memory_allocated() / 2**30)
     reduced = all_reduce_min(values, s.engine.device)
@@ -183,8 +186,13 @@ def _run_footprint(s: Session) -> dict[str, Any]:
         "micro_batch": t.per_device_train_batch_size,
         "accumulation_steps": t.gradient_accumulation_steps,
     }
+    # host RSS (the largest over the workers) right after the model loaded, the engine was built and
+    # the first step: where the peak comes from (a worker resumed mid-run has no first step)
+    for i, phase in enumerate(phases):
+        if phase in s.rss_phases:
+            peaks[f"host_rss_gb_after_{phase.replace(' ', '_')}"] = -reduced[3 + i]
     if s.ctx.on_gpu:
-        peaks["peak_gpu_memory_gb_max"] = -reduced[3]
+        peaks["peak_gpu_memory_gb_max"] = -reduced[3 + len(phases)]
     return peaks
 
 
@@ -314,6 +322,7 @@ def run(s: Session) -> dict[str, Any]:
             check.update(first=inf.clone(), count=zero.clone(), lrs={})
             if first_step:  # how long this process took to get here (launch, workers, data, model, engine)
                 metrics.update(setup_seconds=time.time() - s.started_at, data_prep_seconds=s.data_seconds)
+                s.rss_phases["first step"] = float(psutil.Process().memory_info().rss)
                 first_step = False
 
             if step % t.logging_steps == 0 or last:

@@ -9,7 +9,7 @@ import logging
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -113,6 +113,9 @@ class Session:
     started_at: float  # wall-clock time the run (or trial) was launched, for setup_seconds
     data_seconds: float  # this worker's data preparation (a cache read when prepared before)
     rss_before_model: float = 0.0  # host RSS (bytes) before the model loaded: what training adds is measured from it
+    rss_phases: dict[str, float] = field(
+        default_factory=dict
+    )  # host RSS (bytes) after loading, the engine, its first step
 
 
 def _import_training_code() -> None:
@@ -167,13 +170,15 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
     import psutil
 
     _import_training_code()  # their modules are not what the memory estimate counts
-    rss_before_model = float(psutil.Process().memory_info().rss)
+    process = psutil.Process()
+    rss_before_model = float(process.memory_info().rss)
     missing = check_ops(ds_config, on_gpu=ctx.on_gpu)  # before minutes of model loading
     if missing:
         source = cfg.paths.deepspeed or "DeepSpeed config"
         raise ConfigError([Problem(source, "optimizer", line, show_value=False) for line in missing])
     with partitioned(ds_config):
         model = make_trainable(load_model(cfg, on_gpu=ctx.on_gpu), cfg)
+    rss_phases = {"loaded": float(process.memory_info().rss)}
     groups = param_groups(model, cfg)
     if ctx.is_main:
         log.info(format_parts(trainable_by_part(model)))
@@ -183,6 +188,7 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
         for note in notes:
             log.info("%s", note)
     engine = build_engine(model, ds_config, groups)
+    rss_phases["engine"] = float(process.memory_info().rss)
     seed_everything(cfg.environment.seed + ctx.rank)  # dropout differs across workers, reproducibly
 
     state = TrainState()
@@ -230,4 +236,5 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
         started_at=started_at,
         data_seconds=data_seconds,
         rss_before_model=rss_before_model,
+        rss_phases=rss_phases,
     )

@@ -94,6 +94,7 @@ def _measured_and_estimated(tmp_path: Path, name: str, settings: list[str]) -> t
         "training.max_steps=3",
         "training.eval_steps=3",
         "training.save_steps=3",
+        "training.logging_steps=1",
         "training.gradient_accumulation_steps=1",
         "evaluation.generation_samples=0",
         *settings,
