@@ -167,8 +167,10 @@ def _run_footprint(s: Session) -> dict[str, Any]:
 
     from raytune_qvl.train.lora import trainable_by_part
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    added = max(rss - s.rss_before_model / 2**30, 0.0)  # what the model and training added
+    since = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux; since the reset, if any
+    rss = max(since, s.peak_before_model / 2**30)  # the whole life's peak
+    # what the model and training added (without the reset, bounded by the life's peak)
+    added = max((since if s.peak_reset else rss) - s.rss_before_model / 2**30, 0.0)
     phases = ("loaded", "engine", "first step")
     values = [-rss, rss, -added, *(-s.rss_phases.get(p, 0.0) / 2**30 for p in phases)]
     if s.ctx.on_gpu:

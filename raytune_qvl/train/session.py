@@ -113,9 +113,26 @@ class Session:
     started_at: float  # wall-clock time the run (or trial) was launched, for setup_seconds
     data_seconds: float  # this worker's data preparation (a cache read when prepared before)
     rss_before_model: float = 0.0  # host RSS (bytes) before the model loaded: what training adds is measured from it
+    peak_before_model: float = 0.0  # the process's peak RSS (bytes) then (data preparation in a --no-ray run)
+    peak_reset: bool = False  # the kernel's peak-RSS mark was reset there: ru_maxrss is the peak since
     rss_phases: dict[str, float] = field(
         default_factory=dict
     )  # host RSS (bytes) after loading, the engine, its first step
+
+
+def _reset_peak_rss() -> tuple[float, bool]:
+    """The process's peak RSS so far (bytes), and whether the kernel's mark was reset to the current
+    RSS (Linux: /proc/self/clear_refs), so that the peak at the run's end is the model's and
+    training's own, not the data preparation's that ran before in this process."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # KiB on Linux
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return peak, True
+    except OSError:
+        return peak, False
 
 
 def _import_training_code() -> None:
@@ -171,6 +188,7 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
 
     _import_training_code()  # their modules are not what the memory estimate counts
     process = psutil.Process()
+    peak_before_model, peak_reset = _reset_peak_rss()
     rss_before_model = float(process.memory_info().rss)
     missing = check_ops(ds_config, on_gpu=ctx.on_gpu)  # before minutes of model loading
     if missing:
@@ -236,5 +254,7 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
         started_at=started_at,
         data_seconds=data_seconds,
         rss_before_model=rss_before_model,
+        peak_before_model=peak_before_model,
+        peak_reset=peak_reset,
         rss_phases=rss_phases,
     )
