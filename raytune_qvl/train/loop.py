@@ -46,7 +46,7 @@ from raytune_qvl.train.outputs import (
     replace_dir,
     ship_outputs,
 )
-from raytune_qvl.train.session import Reporter, Session, setup
+from raytune_qvl.train.session import Reporter, Session, peak_rss, setup
 
 __all__ = ["train", "run", "train_window", "token_count", "evaluate_loss"]
 
@@ -161,13 +161,11 @@ def _run_footprint(s: Session) -> dict[str, Any]:
     """The run's peak memory per worker, at its end: host RSS (the largest and smallest over the
     workers, GiB) and, on GPUs, the largest peak of allocated device memory; and what it trained
     (trainable parameters: with peak memory, the cost a sweep weighs against quality)."""
-    import resource
-
     import torch
 
     from raytune_qvl.train.lora import trainable_by_part
 
-    since = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux; since the reset, if any
+    since = peak_rss() / 2**30  # since the reset before the model loaded, where there was one
     rss = max(since, s.peak_before_model / 2**30)  # the whole life's peak
     # what the model and training added (without the reset, bounded by the life's peak)
     added = max((since if s.peak_reset else rss) - s.rss_before_model / 2**30, 0.0)

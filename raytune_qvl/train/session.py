@@ -120,13 +120,27 @@ class Session:
     )  # host RSS (bytes) after loading, the engine, its first step
 
 
+def peak_rss() -> float:
+    """This process's peak RSS in bytes: the kernel's high-water mark (VmHWM, Linux), which
+    /proc/self/clear_refs resets; getrusage's ru_maxrss where there is none (it also counts the
+    parent's RSS at the fork before this program started: a run launched by a large process)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) * 1024.0  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # KiB on Linux
+
+
 def _reset_peak_rss() -> tuple[float, bool]:
     """The process's peak RSS so far (bytes), and whether the kernel's mark was reset to the current
     RSS (Linux: /proc/self/clear_refs), so that the peak at the run's end is the model's and
     training's own, not the data preparation's that ran before in this process."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # KiB on Linux
+    peak = peak_rss()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
