@@ -115,7 +115,9 @@ def run_confirmation(sweep: Sweep, *, restore: bool) -> list[TrialRecord]:
             predictions,
             cost=partial(trial_cost, resources=space.resources),
         )
-        progress = SweepProgress(CONFIRM_STAGE, space.metric, confirmation_overrides)
+        progress = SweepProgress(
+            CONFIRM_STAGE, space.metric, confirmation_overrides, base.training.per_device_train_batch_size
+        )
         tuner = tune.Tuner(
             trainable,
             param_space={CONFIRM_KEY: tune.grid_search(specs)},

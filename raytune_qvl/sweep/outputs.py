@@ -65,7 +65,8 @@ def prune_checkpoints(sweep: Sweep, keep: list[str] = ()) -> None:
         if rec.origin:
             continue
         if "://" not in storage:
-            for ckpt in (Path(storage) / rec.trial_id).glob("checkpoint-*"):
+            runs = [Path(storage) / rec.trial_id, *Path(storage).glob(f"{rec.trial_id}-micro*")]  # OOM retries
+            for ckpt in (c for run in runs for c in run.glob("checkpoint-*")):
                 shutil.rmtree(ckpt, ignore_errors=True)
         if rec.trial_id not in keep:
             for name in (FINAL_DIR, BEST_DIR):

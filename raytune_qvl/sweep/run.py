@@ -91,7 +91,11 @@ def run_sweep(
         warm = load_warm_start(warm_start, space, base, digest)
         state.add_records(warm.records)
         state.warm_start = warm.summary()
-        best = f"its best {warm.best.trial_id} is the starting point" if warm.best else "none of its full runs fits"
+        best = (
+            f"its best run in this space, {warm.best.trial_id}, is the starting point"
+            if warm.best
+            else "none of its full runs fits"
+        )
         print(
             f"warm start from {warm.source}: {_count(len(warm.records), 'trained run')} in this space "
             f"({warm.outside} outside it); {best}",

@@ -74,12 +74,20 @@ class UniqueSearch(Searcher):
         self.keys: dict[str, tuple] = {}
         self.rng = random.Random(seed)
         self.sampler, self.startup = sampler, startup  # TPE models after `startup` completed trials
+        study = self.inner._ot_study
+        stored = [t.params for t in study.trials if t.state.name == "COMPLETE"]  # a stage run again
         for params, value in evaluated:
             key = point_key(resolver.overrides(params))
-            if key not in self.told:
+            if key in self.told:
+                continue
+            self.told.add(key)
+            self.known[key] = value
+            if any(point_key(resolver.overrides(p)) == key for p in stored):
+                continue
+            try:
                 self.inner.add_evaluated_point(params, value)
-                self.told.add(key)
-                self.known[key] = value
+            except ValueError:  # a value a hair outside Optuna's exact range: known, not told
+                pass
 
     def _label(self, enqueued: bool) -> str:
         if enqueued:

@@ -54,7 +54,7 @@ def run_stage(
     known = {
         point_key(t["overrides"]): (t["value"], t["trial_id"], t["status"])
         for t in sweep.state.trials
-        if t["status"] not in ("failed", "reused") or str(t.get("reason", "")).startswith(INFEASIBLE)
+        if t["status"] not in ("failed", "reused", "confirmation") or str(t.get("reason", "")).startswith(INFEASIBLE)
     }
     members = in_slice(stage, resolver, sweep.state.records())
     context = {

@@ -33,8 +33,9 @@ _TRANSIENT = (
     "died unexpectedly",
 )
 # what a run that needs more memory than it has dies of: torch's (GPU) OutOfMemoryError, or Ray's
-# memory monitor killing a worker for the host's
+# memory monitor killing a worker for the host's (NODE_MEMORY: which may be another trial's doing)
 _MEMORY = ("OutOfMemoryError", "out of memory", "CUDA error: out of memory", "running low on memory")
+_NODE_MEMORY = ("running low on memory",)
 
 
 def _failure_texts(exc: BaseException, reason: str) -> list[str]:
@@ -51,6 +52,11 @@ def _failure_texts(exc: BaseException, reason: str) -> list[str]:
 def is_out_of_memory(exc: BaseException, reason: str) -> bool:
     """A failure for want of memory: the point may fit at a smaller micro batch."""
     return any(marker in text for text in _failure_texts(exc, reason) for marker in _MEMORY)
+
+
+def is_node_memory(exc: BaseException, reason: str) -> bool:
+    """Ray's memory monitor killed a worker: the node ran low, perhaps for other trials on it."""
+    return any(marker in text for text in _failure_texts(exc, reason) for marker in _NODE_MEMORY)
 
 
 def is_transient(exc: BaseException, reason: str) -> bool:
@@ -134,8 +140,10 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     batch = int(point.get(EFFECTIVE_BATCH, starting_batch(base, space)))
     if confirm is not None:  # the confirmed config's own effective batch
         t = base.training
-        accum = int(confirm["overrides"].get("training.gradient_accumulation_steps", t.gradient_accumulation_steps))
-        batch = t.per_device_train_batch_size * space.resources.workers_per_trial * accum
+        given = confirm["overrides"]  # with the micro batch the search trial fitted at, where it had to
+        accum = int(given.get("training.gradient_accumulation_steps", t.gradient_accumulation_steps))
+        micro = int(given.get("training.per_device_train_batch_size", t.per_device_train_batch_size))
+        batch = micro * space.resources.workers_per_trial * accum
     cfg = trial_config(
         space,
         base,
@@ -162,12 +170,19 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
             break
         except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; keep their one-line reason
             reason = worker_error(exc)
+            if not retried and is_node_memory(exc, reason):
+                # the node ran low (perhaps for other trials on it): the same point once more first
+                print(f"trial {trial_id}: {reason}; retrying once", flush=True)
+                retried = True
+                continue
             if is_out_of_memory(exc, reason):
                 # the same experiment in less memory: half the micro batch, twice the accumulation
                 # (the same effective batch, samples and steps), as a new run (no checkpoint of the old)
                 t = cfg.training
                 micro = smaller_micro(t.per_device_train_batch_size)
                 if micro is None:
+                    if is_node_memory(exc, reason):  # not proven the point's own need: not infeasible
+                        raise TrialFailed(f"the node ran out of memory at micro batch 1 ({reason})") from None
                     raise TrialFailed(f"{INFEASIBLE}: out of memory at micro batch 1 ({reason})") from None
                 accum = t.gradient_accumulation_steps * t.per_device_train_batch_size // micro
                 print(

@@ -8,9 +8,10 @@ their origin, their configs written in the new space's terms:
   base's value) is a known result: a stage whose slice holds it tells Optuna its value before the
   first suggestion and counts a full run of it as a candidate, so no point the source trained is
   trained again (the sweep's de-duplication already refuses known points);
-* the source's best is the new sweep's starting point: every parameter of the new space starts at
-  the best's value where that value lies in the new range, so the new dimensions are searched
-  around it (and the best itself, when it lies in the new space, is the first incumbent);
+* the source's best (its winner, else its best full run in the new space) is the new sweep's
+  starting point: every parameter of the new space starts at the best's value where that value
+  lies in the new range, so the new dimensions are searched around it (and the best itself, when
+  it lies in the new space, is a candidate of the first stage, which keeps it unless it finds better);
 * the source's confirmation runs of a config count as its confirmation here.
 
 Pure but for reading the source's state file."""
@@ -28,7 +29,7 @@ from raytune_qvl.config.schema import Config
 from raytune_qvl.errors import ConfigError, Problem
 from raytune_qvl.sweep.points import point_overrides, starting_batch, starting_point
 from raytune_qvl.sweep.records import TrialRecord, rank
-from raytune_qvl.sweep.space import EFFECTIVE_BATCH, LR_FACTOR, SearchSpace
+from raytune_qvl.sweep.space import EFFECTIVE_BATCH, LR_FACTOR, LR_KEY, SearchSpace
 from raytune_qvl.sweep.state import STATE_FILE, SweepState
 
 __all__ = ["WarmStart", "sweep_digest", "load_warm_start", "canonical_overrides", "BEST_FILE"]
@@ -149,6 +150,8 @@ def load_warm_start(path: str, space: SearchSpace, base: Config, digest: str) ->
     warm.best = _source_best(folder, warm.records, space.mode)
     if warm.best is not None:
         warm.start = {k: v for k, v in warm.best.point.items() if space.parameters[k].contains(v)}
+        if EFFECTIVE_BATCH in space.parameters and EFFECTIVE_BATCH not in warm.start:
+            warm.start.pop(LR_KEY, None)  # its rate was found at a batch this space does not start from
     return warm
 
 

@@ -351,7 +351,7 @@ def test_running_out_of_memory_halves_the_micro_batch_instead_of_retrying_the_sa
     import torch
 
     from raytune_qvl.sweep.records import memory_fit
-    from raytune_qvl.sweep.trial import is_out_of_memory, is_transient, smaller_micro
+    from raytune_qvl.sweep.trial import is_node_memory, is_out_of_memory, is_transient, smaller_micro
     from raytune_qvl.train.faults import FAULT_OOM_ENV, Faults
 
     assert [smaller_micro(m) for m in (8, 6, 4, 3, 2, 1)] == [4, 3, 2, 1, 1, None]
@@ -360,6 +360,8 @@ def test_running_out_of_memory_halves_the_micro_batch_instead_of_retrying_the_sa
     died = RuntimeError("worker 1: ray.exceptions.ActorDiedError: The actor died unexpectedly")
     assert is_transient(died, str(died)) and not is_out_of_memory(died, str(died))
     assert not is_out_of_memory(ValueError("bad"), "bad") and not is_transient(ValueError("bad"), "bad")
+    node = RuntimeError("ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on memory.")
+    assert is_node_memory(node, str(node)) and is_out_of_memory(node, str(node)) and not is_node_memory(oom, str(oom))
     ran = {"micro_batch": 2, "accumulation_steps": 8}
     assert memory_fit(ran, 4) == {"training.per_device_train_batch_size": 2, "training.gradient_accumulation_steps": 8}
     assert memory_fit(ran, 2) == {} and memory_fit({}, 4) == {}
