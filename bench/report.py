@@ -410,19 +410,24 @@ the JSON cache's growth there is about ten times the figure above, while the Arr
 a function of the data size. A row read builds one `Encoded` (Python lists of that row only)."""
 
 MEMORY_NOTES = """\
-The target is not met: on this CPU machine every ZeRO-3 run peaks above ZeRO-2's RSS. The loading
-is partitioned: the model is built inside `HfDeepSpeedConfig` (`train/model.py`), so each rank
-materializes only its share of the ~1.6 GB of fp32 weights, and ZeRO-2 holds the whole model on
-every rank (3.5 GiB each). Dropping the offload blocks and sizing the buckets from the model takes
-ZeRO-3 from ~7.8 to ~5.3 GiB: that much was the offload's pinned host copies (on a machine without a
-GPU "offloading" copies each partition beside the original, and the offloaded optimizer keeps fp32
-master weights and moments on the host) and the 5e8-element buckets sized for a 7B model. The
-remaining ~1.8 GiB over ZeRO-2 is not measured apart yet: `ru_maxrss` is one peak over the whole
-life, so loading (transformers reads the checkpoint's state dict on every rank before handing each
-its partition), gather buffers and the step are not told apart. The next measurement: RSS sampled
-after loading, after the engine is built and after the first step. On GPUs the offload buffers are
-the point of the configuration (host memory in exchange for GPU memory), and this host-RSS
-comparison does not say what a GPU run holds."""
+The target is not met: on this CPU machine every ZeRO-3 run peaks above ZeRO-2's RSS. Dropping the
+offload blocks and sizing the buckets from the model takes ZeRO-3 from ~7.8 to ~5.3 GiB: that much
+was the offload's pinned host copies (on a machine without a GPU "offloading" copies each partition
+beside the original, and the offloaded optimizer keeps fp32 master weights and moments on the host)
+and the 5e8-element buckets sized for a 7B model. The RSS sampled after each phase now says where the
+rest comes from. Under ZeRO-2 loading adds almost nothing (the checkpoint is memory-mapped; its pages
+are read when the engine moves the weights: +1.55 GiB there, the whole fp32 model). Under ZeRO-3 the
+load itself adds ~1.8 GiB on every rank — transformers reads the whole checkpoint's state dict on
+each rank before handing each its partition, so the partitioned load is not yet smaller than the
+whole model on the host — and the run's peak comes after the first step (0.9-1.8 GiB above it, not
+attributed yet: the next samples go around the evaluation and the saves, which gather only the trained
+parameters). The plan's estimate (`config/memory.py`) is
+what training itself needs: within 20% of ZeRO-2's measured peak (and of the tiny base's, in
+`tests/integration/test_memory.py`), a third of ZeRO-3's, whose excess is the loading and gathering
+above. What would bring ZeRO-3 under ZeRO-2 on the host: loading each rank's shard of the checkpoint
+only (not the whole state dict), then finding the late peak. On GPUs the offload
+buffers are the point of the configuration (host memory in exchange for GPU memory), and this
+host-RSS comparison does not say what a GPU run holds."""
 
 GPU_NOTES = """\
 ## GPU
