@@ -34,7 +34,6 @@ from raytune_qvl.config.schema import Config
 
 __all__ = ["MemoryEstimate", "estimate_memory", "estimate_for", "worker_memory"]
 
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 HOST_RUNTIME_BYTES = 0.11e9  # CPU training: kernel workspaces and allocator arenas, measured (module doc)
 
 
@@ -79,13 +78,19 @@ def sample_tokens(cfg: Config, lengths: tuple[int, int] | None) -> tuple[float, 
 
 
 def estimate_memory(
-    cfg: Config, world_size: int, zero_stage: int, offload_optimizer: bool, lengths: tuple[int, int] | None = None
+    cfg: Config,
+    world_size: int,
+    zero_stage: int,
+    offload_optimizer: bool,
+    lengths: tuple[int, int] | None = None,
+    sizes: Any = None,
 ) -> MemoryEstimate | None:
     """The estimate for `cfg` (see the module doc), or None without the model's config.json.
-    `lengths`: the data audit's 99th-percentile (text, image) tokens per sample."""
+    `lengths`: the data audit's 99th-percentile (text, image) tokens per sample; `sizes`: the
+    config's sizes.Sizes when the caller has them."""
     from raytune_qvl.config.sizes import estimate_sizes, model_dims
 
-    dims, sizes = model_dims(cfg.model.name), estimate_sizes(cfg)
+    dims, sizes = model_dims(cfg.model.name), sizes or estimate_sizes(cfg)
     if dims is None or sizes is None:
         return None
     try:
@@ -94,7 +99,7 @@ def estimate_memory(
         kv = t.get("num_key_value_heads", t["num_attention_heads"]) * (h // t["num_attention_heads"])
     except (KeyError, TypeError, ZeroDivisionError):
         return None
-    b = _DTYPE_BYTES.get(cfg.model.torch_dtype, 2)
+    b = sizes.dtype_bytes
     tr = cfg.training
     n, trainable = max(world_size, 1), sizes.trainable
     est = MemoryEstimate(device="GPU" if cfg.ray.use_gpu else "host", from_data=bool(lengths and sum(lengths) > 0))
@@ -139,12 +144,16 @@ def estimate_memory(
 
 
 def estimate_for(
-    cfg: Config, world_size: int, ds_config: dict[str, Any], lengths: tuple[int, int] | None = None
+    cfg: Config,
+    world_size: int,
+    ds_config: dict[str, Any],
+    lengths: tuple[int, int] | None = None,
+    sizes: Any = None,
 ) -> MemoryEstimate | None:
     """estimate_memory with the ZeRO stage and optimizer offload read from a DeepSpeed config."""
     zero = ds_config.get("zero_optimization") or {}
     offload = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
-    return estimate_memory(cfg, world_size, int(zero.get("stage", 0) or 0), offload, lengths)
+    return estimate_memory(cfg, world_size, int(zero.get("stage", 0) or 0), offload, lengths, sizes)
 
 
 def worker_memory(use_gpu: bool, workers_at_once: int, given_gb: float | None = None) -> float | None:

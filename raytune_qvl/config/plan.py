@@ -264,7 +264,7 @@ def make_plan(cfg: Config, num_samples: int | None = None, lengths: tuple[int, i
         source=cfg.paths.deepspeed or "DeepSpeed config",
     )
     sizes = estimate_sizes(cfg)
-    memory = estimate_for(cfg, world, filled.config, lengths)
+    memory = estimate_for(cfg, world, filled.config, lengths, sizes)
     return Plan(
         cfg=cfg,
         world_size=world,

@@ -25,6 +25,7 @@ __all__ = [
     "apply_to_config",
     "starting_batch",
     "starting_point",
+    "config_value",
     "eval_steps_for",
     "PointResolver",
 ]
@@ -140,16 +141,18 @@ def eval_steps_for(space: SearchSpace, num_samples: int, effective_batch: int) -
 
 def starting_point(space: SearchSpace, base: Config) -> dict[str, Any]:
     """Every searched parameter at the task's starting point (base + overrides)."""
-    point: dict[str, Any] = {}
-    for key in space.parameters:
-        if key == EFFECTIVE_BATCH:
-            point[key] = starting_batch(base, space)
-        else:
-            node: Any = base
-            for part in key.split("."):
-                node = getattr(node, part)
-            point[key] = node
-    return point
+    return {
+        key: starting_batch(base, space) if key == EFFECTIVE_BATCH else config_value(base, key)
+        for key in space.parameters
+    }
+
+
+def config_value(cfg: Config, key: str) -> Any:
+    """The value of a dotted config key (`lora.r`) in `cfg`."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
 
 
 @dataclass

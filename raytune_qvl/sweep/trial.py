@@ -170,8 +170,9 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
             break
         except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; keep their one-line reason
             reason = worker_error(exc)
-            if not retried and is_node_memory(exc, reason):
-                # the node ran low (perhaps for other trials on it): the same point once more first
+            if not retried and (is_transient(exc, reason) or is_node_memory(exc, reason)):
+                # the same point once more, from its last checkpoint (the same run name and storage):
+                # a lost worker or node, or a node that ran low on memory (perhaps for other trials on it)
                 print(f"trial {trial_id}: {reason}; retrying once", flush=True)
                 retried = True
                 continue
@@ -192,11 +193,6 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
                 )
                 fit = {"training.per_device_train_batch_size": micro, "training.gradient_accumulation_steps": accum}
                 cfg, name = apply_to_config(cfg, fit, space.source or "search space"), f"{trial_id}-micro{micro}"
-                continue
-            if not retried and is_transient(exc, reason):
-                # the same point once more, from its last checkpoint (the same run name and storage)
-                print(f"trial {trial_id}: {reason}; retrying once", flush=True)
-                retried = True
                 continue
             raise TrialFailed(reason) from None
     diverged = (result.metrics or {}).get("diverged")

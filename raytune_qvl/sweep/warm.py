@@ -27,7 +27,7 @@ from typing import Any
 
 from raytune_qvl.config.schema import Config
 from raytune_qvl.errors import ConfigError, Problem
-from raytune_qvl.sweep.points import point_overrides, starting_batch, starting_point
+from raytune_qvl.sweep.points import config_value, point_overrides, starting_batch, starting_point
 from raytune_qvl.sweep.records import TrialRecord, rank
 from raytune_qvl.sweep.space import EFFECTIVE_BATCH, LR_FACTOR, LR_KEY, SearchSpace
 from raytune_qvl.sweep.state import STATE_FILE, SweepState
@@ -52,22 +52,15 @@ def sweep_digest(space: SearchSpace, base: Config, data_fingerprints: list[str])
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _base_value(base: Config, key: str) -> Any:
-    node: Any = base
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
-
-
 def canonical_overrides(overrides: dict[str, Any], keys: list[str], base: Config) -> dict[str, Any] | None:
     """A source trial's overrides over the new space's override `keys`: a key the source did not
     set is at the base's value; a key the new space does not set must be at the base's value, or
     the config is not in the new space (None)."""
-    out = {key: _base_value(base, key) for key in keys}
+    out = {key: config_value(base, key) for key in keys}
     for key, value in overrides.items():
         if key in out:
             out[key] = value
-        elif value != _base_value(base, key):
+        elif value != config_value(base, key):
             return None
     return out
 
@@ -81,7 +74,7 @@ def _new_point(space: SearchSpace, base: Config, overrides: dict[str, Any]) -> d
             accum = int(overrides.get("training.gradient_accumulation_steps", t.gradient_accumulation_steps))
             point[key] = t.per_device_train_batch_size * space.resources.workers_per_trial * accum
         elif key != LR_FACTOR:
-            point[key] = overrides[key] if key in overrides else _base_value(base, key)
+            point[key] = overrides[key] if key in overrides else config_value(base, key)
     return point
 
 
