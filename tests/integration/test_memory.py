@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, tiny_space
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -21,34 +21,24 @@ pytestmark = [pytest.mark.slow, pytest.mark.faults]
 def test_out_of_memory_halves_the_micro_batch_and_an_infeasible_point_is_tried_once(
     tiny_assets: Path, tmp_path: Path
 ) -> None:
-    raw = {
-        "name": "memory",
-        "base": {
-            "config": str(ROOT / "configs/tiny/training_config.yaml"),
-            "lora_config": str(ROOT / "configs/tiny/lora_config.yaml"),
-            "deepspeed": str(ROOT / "configs/tiny/ds_config_zero2.json"),
-        },
-        "overrides": {
+    space = tiny_space(
+        tmp_path,
+        "memory",
+        overrides={
             "training.per_device_train_batch_size": 4,
             "training.gradient_accumulation_steps": 4,  # effective batch 16
             "training.num_epochs": 1,
             "evaluation.generation_samples": 4,
             "evaluation.max_new_tokens": 8,
         },
-        "parameters": {"lora.r": {"choices": [4, 16]}},
-        "trials_per_stage": 3,  # room for the searcher to suggest the infeasible point again
-        "metric": "eval_loss",
-        "mode": "min",
-        "evals_per_epoch": 2,
-        "asha": {"enabled": False},
-        "confirm": {"top_k": 0},
-        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "memory"},
-        "storage_path": str(tmp_path / "ray"),
-        "output_dir": str(tmp_path / "sweeps"),
-    }
-    space = tmp_path / "memory.yaml"
-    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+        parameters={"lora.r": {"choices": [4, 16]}},
+        trials_per_stage=3,  # room for the searcher to suggest the infeasible point again
+        metric="eval_loss",
+        mode="min",
+        evals_per_epoch=2,
+        asha={"enabled": False},
+        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "memory"},
+    )
     # rank 16 fits at no micro batch; every other point only at micro 2 or less
     env = {**os.environ, "RAYTUNE_QVL_FAULT_OOM": "lora.r=16@0;2"}
     run = run_cli("raytune_qvl.sweep", str(space), env=env, timeout=900)

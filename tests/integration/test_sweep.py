@@ -14,22 +14,17 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import ROOT, as_in_a_terminal, reaped, run_cli
+from conftest import ROOT, as_in_a_terminal, reaped, run_cli, tiny_space
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 
 def _space(tmp_path: Path) -> Path:
-    raw = {
-        "name": "itest",
-        "base": {
-            "config": str(ROOT / "configs/tiny/training_config.yaml"),
-            "lora_config": str(ROOT / "configs/tiny/lora_config.yaml"),
-            "deepspeed": str(ROOT / "configs/tiny/ds_config_zero2.json"),
-        },
-        "overrides": {
+    return tiny_space(
+        tmp_path,
+        "itest",
+        overrides={
             "training.learning_rate": 1.0e-3,
             "lora.r": 8,
             "training.per_device_train_batch_size": 4,
@@ -39,29 +34,23 @@ def _space(tmp_path: Path) -> Path:
             "evaluation.generation_every": 4,
             "evaluation.max_new_tokens": 8,
         },
-        "parameters": {
+        parameters={
             "training.learning_rate": {"choices": [2.0e-4, 6.0e-4, 1.5e-3, 3.0e-3]},
             "lora.r": {"choices": [4, 8, 16]},
             "effective_batch": {"choices": [8, 16]},
             "training.num_epochs": {"choices": [1, 2]},
         },
-        "trials_per_stage": {"training.learning_rate": 4, "lora.r": 2, "effective_batch": 1, "training.num_epochs": 1},
-        "metric": "eval_loss",
-        "mode": "min",
-        "lr_scaling": {"rule": "linear", "local_search": 0.5},  # reaches the sqrt rule's rate at batch 8
-        "evals_per_epoch": 4,
-        "asha": {"time_attr": "epoch", "grace_period": 0.25, "reduction_factor": 2},
-        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "itest"},
-        "storage_path": str(tmp_path / "ray"),
-        "output_dir": str(tmp_path / "sweeps"),
-        "keep_best_adapters": 2,
-        "confirm": {"top_k": 1, "seeds": 1},  # the winner once more with another seed, scored on test
-        "seed": 7,
-    }
-    path = tmp_path / "itest.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+        trials_per_stage={"training.learning_rate": 4, "lora.r": 2, "effective_batch": 1, "training.num_epochs": 1},
+        metric="eval_loss",
+        mode="min",
+        lr_scaling={"rule": "linear", "local_search": 0.5},  # reaches the sqrt rule's rate at batch 8
+        evals_per_epoch=4,
+        asha={"time_attr": "epoch", "grace_period": 0.25, "reduction_factor": 2},
+        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "itest"},
+        keep_best_adapters=2,
+        confirm={"top_k": 1, "seeds": 1},  # the winner once more with another seed, scored on test
+        seed=7,
+    )
 
 
 PLANNED = 4 + 2 + 1 + 1  # trials per stage; the incumbent is never retrained
@@ -233,7 +222,6 @@ def test_a_sweep_whose_workers_are_killed_finishes_every_planned_trial_at_its_la
     a 6-trial sweep every trial's worker is SIGKILLed once, after a step drawn from the seed and
     the trial's config; Ray Train restarts it from its last checkpoint. The sweep ends with
     exactly the 6 planned trials, each completed at its planned last step."""
-    from conftest import tiny_space
 
     forms, data = ROOT / ".assets" / "data" / "forms", tmp_path / "data"  # 96 training and 16 eval records
     (data / "images").mkdir(parents=True)

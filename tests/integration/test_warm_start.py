@@ -9,9 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import ROOT, run_cli
+from conftest import run_cli, tiny_space
 from raytune_qvl.sweep.records import point_key
 
 pytestmark = pytest.mark.slow
@@ -20,14 +19,10 @@ LR = "training.learning_rate"
 
 
 def _space(tmp_path: Path, name: str, parameters: dict, trials: dict) -> Path:
-    raw = {
-        "name": name,
-        "base": {
-            "config": str(ROOT / "configs/tiny/training_config.yaml"),
-            "lora_config": str(ROOT / "configs/tiny/lora_config.yaml"),
-            "deepspeed": str(ROOT / "configs/tiny/ds_config_zero2.json"),
-        },
-        "overrides": {
+    return tiny_space(
+        tmp_path,
+        name,
+        overrides={
             LR: 1.0e-3,
             "lora.r": 8,
             "lora.lora_alpha": 16,  # the space's alpha for rank 8 (lora_alpha_ratio 2)
@@ -37,22 +32,15 @@ def _space(tmp_path: Path, name: str, parameters: dict, trials: dict) -> Path:
             "evaluation.generation_samples": 4,
             "evaluation.max_new_tokens": 8,
         },
-        "parameters": parameters,
-        "trials_per_stage": trials,
-        "metric": "eval_loss",
-        "mode": "min",
-        "evals_per_epoch": 2,
-        "asha": {"enabled": False},
-        "confirm": {"top_k": 0},
-        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "warm"},
-        "storage_path": str(tmp_path / "ray"),
-        "output_dir": str(tmp_path / "sweeps"),
-        "seed": 3,
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+        parameters=parameters,
+        trials_per_stage=trials,
+        metric="eval_loss",
+        mode="min",
+        evals_per_epoch=2,
+        asha={"enabled": False},
+        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "warm"},
+        seed=3,
+    )
 
 
 def _own_trials(name: str, tmp_path: Path) -> list[dict]:
