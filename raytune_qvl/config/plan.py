@@ -116,22 +116,27 @@ class Plan:
 
     def checkpoint_text(self) -> str:
         """What each checkpoint writes, from the model's architecture (when its config.json is at
-        hand), and how many are kept."""
+        hand), and how many are kept. With final_checkpoint adapter the last step's is the adapter
+        alone (LoRA runs)."""
         t = self.cfg.training
         saves = -(-self.total_steps // t.save_steps)
-        cadence = (
-            f"every {t.save_steps} steps ({saves} in this run), keep {t.save_total_limit}"
-            if t.save_steps < self.total_steps
-            else "at the last step only"
-        )
+        adapter_last = t.final_checkpoint == "adapter" and t.finetuning_type == "lora"
+        engines = saves - 1 if adapter_last else saves  # engine checkpoints written
+        last = ", the last step's the adapter only" if adapter_last else ""
+        if t.save_steps < self.total_steps:
+            cadence = f"every {t.save_steps} steps ({saves} in this run{last}), keep {t.save_total_limit}"
+        else:
+            cadence = "at the last step only" + (", the adapter alone" if adapter_last else "")
         if self.sizes is None:
             return f"{cadence}; sizes unknown until the model's config.json is downloaded"
         s = self.sizes
+        if not engines:
+            return f"{cadence}: {human_bytes(s.adapter_bytes)}"
         return (
             f"{cadence}: engine state {human_bytes(s.checkpoint_bytes)} each "
             f"({s.trainable / 1e6:.3g}M trained parameters with fp32 master and Adam moments; "
             f"the adapter alone {human_bytes(s.adapter_bytes)}), up to "
-            f"{human_bytes(s.checkpoint_bytes * min(saves, t.save_total_limit))} on disk"
+            f"{human_bytes(s.checkpoint_bytes * min(engines, t.save_total_limit))} on disk"
         )
 
     def memory_text(self) -> str:

@@ -142,6 +142,9 @@ class TrainingConfig(Section):
     eval_steps: int = Field(200, ge=1)  # optimizer steps between evaluations (and one at the end)
     save_steps: int = Field(500, ge=1)  # optimizer steps between checkpoints (and one at the end)
     save_total_limit: int = Field(3, ge=1)  # full checkpoints kept; the best adapter is kept aside
+    # the last step's checkpoint: the engine state (optimizer, scheduler), or for LoRA the adapter only,
+    # a few MB instead of GBs: a finished run is never resumed (a sweep's trials write adapter)
+    final_checkpoint: Literal["engine", "adapter"] = "engine"
     metric_for_best_model: str = "eval_loss"
     greater_is_better: bool | None = None  # None: from the metric (min for losses/error rates)
     max_steps: int | None = Field(None, ge=1)  # stop after this many optimizer steps (schedule too)

@@ -246,10 +246,11 @@ def _checkpoints_text(space: SearchSpace, base: Config) -> str:
 
     every = space.checkpoint_every
     cadence = (
-        f"engine checkpoints every {every} evaluation{'s' if every > 1 else ''} and at the last step"
+        f"engine checkpoints every {every} evaluation{'s' if every > 1 else ''}"
         if every
-        else "an engine checkpoint at the last step only (checkpoint_every 0: a restarted trial starts over)"
+        else "no engine checkpoint (checkpoint_every 0: a restarted trial starts over)"
     )
+    cadence += ", the last step's the adapter only (a finished trial is never resumed)"
     sizes = estimate_sizes(base)  # the base config holds the starting point
     size = ""
     if sizes is not None:

@@ -99,6 +99,7 @@ def trial_config(
             "training.greater_is_better": space.mode == "max",
             "training.eval_steps": eval_steps,
             "training.save_steps": eval_steps * space.checkpoint_every if space.checkpoint_every else NO_CHECKPOINTS,
+            "training.final_checkpoint": "adapter",  # nothing resumes a finished trial
             "training.logging_steps": min(base.training.logging_steps, eval_steps),
             "training.eval_on_start": eval_on_start or base.training.eval_on_start,
         }

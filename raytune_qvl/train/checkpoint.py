@@ -6,6 +6,9 @@ scheduler; frozen base weights excluded), the data position and every rank's RNG
       state/                 DeepSpeed engine + ZeRO optimizer shards (every rank its own)
       trainer_state.json     step, epoch, position in the epoch, samples seen, best metric
       rng_state_<rank>.pt    python, numpy, torch (and this rank's CUDA device) generators
+
+A run's last checkpoint may hold the adapter and trainer_state.json only (training.final_checkpoint
+adapter): a restart after the run's final report finds it finished and has nothing to load.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ __all__ = [
     "STATE_FILE",
     "save_checkpoint",
     "load_checkpoint",
+    "has_engine_state",
     "save_trained",
     "is_lora",
     "latest_local_checkpoint",
@@ -107,22 +111,36 @@ def save_trained(engine: Any, directory: Path, trained: dict[str, Any]) -> None:
         model.peft_config["default"] = own
 
 
-def save_checkpoint(engine: Any, directory: Path, state: TrainState, *, rank: int, trained: dict[str, Any]) -> None:
+def save_checkpoint(
+    engine: Any, directory: Path, state: TrainState, *, rank: int, trained: dict[str, Any], engine_state: bool = True
+) -> None:
     """Every rank calls this together (DeepSpeed writes its own shard on each). A LoRA run's
-    checkpoint also holds its adapter (the engine state of a full run already is the model)."""
+    checkpoint also holds its adapter (the engine state of a full run already is the model);
+    `engine_state` False (LoRA only): the adapter and the trainer state alone, for a finished run."""
     import torch
 
     directory.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(directory), tag=ENGINE_TAG, exclude_frozen_parameters=True)
-    torch.save(_rng_state(), directory / f"rng_state_{rank}.pt")
+    if engine_state or not is_lora(engine):
+        engine.save_checkpoint(str(directory), tag=ENGINE_TAG, exclude_frozen_parameters=True)
+        torch.save(_rng_state(), directory / f"rng_state_{rank}.pt")
     if rank == 0:
         if is_lora(engine):
             save_trained(engine, directory / ADAPTER_DIR, trained)
         (directory / STATE_FILE).write_text(state.to_json())
 
 
+def has_engine_state(directory: Path) -> bool:
+    """Whether a checkpoint holds the engine's state (not a finished run's adapter-only one)."""
+    return (directory / ENGINE_TAG).is_dir()
+
+
 def load_checkpoint(engine: Any, directory: Path, *, rank: int) -> TrainState:
+    """The engine, RNG and trainer state of a checkpoint; of an adapter-only one (a finished run:
+    nothing is left to train), the trainer state alone."""
     import torch
+
+    if not has_engine_state(directory):
+        return TrainState.from_file(directory / STATE_FILE)
 
     engine.load_checkpoint(
         str(directory),

@@ -358,7 +358,8 @@ def run(s: Session) -> dict[str, Any]:
                 if step % t.save_steps == 0 or last:
                     report[HELD_KEY], held = pack(held), []
                     with gathered_trainable_state(engine) as trained, _staging(f"checkpoint-{step:06d}") as folder:
-                        save_checkpoint(engine, folder, state, rank=ctx.rank, trained=trained)
+                        whole = not last or t.final_checkpoint == "engine"  # a finished run is never resumed
+                        save_checkpoint(engine, folder, state, rank=ctx.rank, trained=trained, engine_state=whole)
                         if last and ctx.is_main and s.reporter.ships_outputs:
                             ship_outputs(output_dir, folder)
                         s.reporter.report(report, folder)

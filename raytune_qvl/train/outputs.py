@@ -221,6 +221,7 @@ _RESUMABLE = (
     "training.eval_steps",
     "training.save_steps",
     "training.save_total_limit",
+    "training.final_checkpoint",
     "training.eval_on_start",
     "training.per_device_eval_batch_size",
     "training.metric_for_best_model",

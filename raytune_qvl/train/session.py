@@ -15,7 +15,13 @@ from typing import Any, Protocol
 
 from raytune_qvl.config.schema import Config
 from raytune_qvl.errors import ConfigError, Problem
-from raytune_qvl.train.checkpoint import TrainState, latest_local_checkpoint, load_checkpoint, prune_local_checkpoints
+from raytune_qvl.train.checkpoint import (
+    TrainState,
+    has_engine_state,
+    latest_local_checkpoint,
+    load_checkpoint,
+    prune_local_checkpoints,
+)
 from raytune_qvl.train.engine import (
     WorkerContext,
     build_engine,
@@ -227,6 +233,11 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
     resume = reporter.resume_checkpoint()
     if resume is not None:
         state = load_checkpoint(engine, resume, rank=ctx.rank)
+        if not has_engine_state(resume) and state.global_step < plan.total_steps:
+            raise RuntimeError(
+                f"{resume} holds the adapter only (training.final_checkpoint adapter), at step "
+                f"{state.global_step} of {plan.total_steps}: it cannot be resumed; rerun with --overwrite"
+            )
         if ctx.is_main:
             log.info("resumed from %s at step %d (epoch %d)", resume, state.global_step, state.epoch)
 

@@ -196,6 +196,37 @@ def test_killed_worker_resumes_from_checkpoint_with_exact_step_count(
 
 
 @pytest.mark.faults
+def test_a_worker_lost_after_the_final_report_finds_the_run_finished(
+    tiny_config, ray_cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last step's checkpoint of a sweep trial is the adapter alone (training.final_checkpoint
+    adapter): a worker killed right after the final report makes Ray Train restart the group from
+    it, which finds the run finished and loads nothing; the earlier checkpoint keeps its engine."""
+    from raytune_qvl.train.checkpoint import ADAPTER_DIR, STATE_FILE, has_engine_state
+    from raytune_qvl.train.faults import FAULT_KILL_ENV
+    from raytune_qvl.train.outputs import ray_run_name
+    from raytune_qvl.train.run import run_training
+
+    cfg = tiny_config(
+        "training.num_epochs=1",
+        "training.save_steps=8",
+        "training.eval_steps=8",
+        "training.final_checkpoint=adapter",
+        "evaluation.generation_samples=0",
+    )
+    monkeypatch.setenv(FAULT_KILL_ENV, "16")  # the last step, after its report
+    result = run_training(cfg)
+    assert result.metrics["step"] == 16 and result.metrics["finished"] is True
+    assert (Path(cfg.output.dir) / ".faults" / "kill-16-rank1").exists()  # the kill happened
+    run = Path(cfg.ray.storage_path) / ray_run_name(cfg)
+    last, middle = run / "checkpoint-000016", run / "checkpoint-000008"
+    assert not has_engine_state(last) and not list(last.glob("rng_state_*"))
+    assert (last / ADAPTER_DIR / "adapter_model.safetensors").is_file() and (last / STATE_FILE).is_file()
+    assert has_engine_state(middle)  # a restart before the end resumes from this one
+    assert json.loads((result.final_dir / "training_complete.json").read_text())["step"] == 16
+
+
+@pytest.mark.faults
 @pytest.mark.parametrize(
     "mode", [("--no-ray", ZERO2, 1), ("ray", ZERO3, 2)], ids=["local-zero2", "ray-zero3-offload-2-workers"]
 )

@@ -228,11 +228,14 @@ def test_a_trials_engine_checkpoints_follow_checkpoint_every(tiny_space, every: 
     space = space.model_copy(update={"checkpoint_every": every})
     cfg = trial_config(space, base, {}, 16, "/tmp/trial", eval_steps=6)
     assert cfg.training.eval_steps == 6
+    assert cfg.training.final_checkpoint == "adapter"  # a finished trial is never resumed
+    text = make_plan(cfg, 256).checkpoint_text()
     if save_steps is not None:
         assert cfg.training.save_steps == save_steps
-    else:  # none before the last step, which always has one
+        assert "the last step's the adapter only" in text and "engine state" in text
+    else:  # none before the last step, whose is the adapter alone: no engine state at all
         assert cfg.training.save_steps > 10**6
-        assert "at the last step only" in make_plan(cfg, 256).checkpoint_text()
+        assert "at the last step only, the adapter alone" in text and "engine state" not in text
 
 
 def _costed(trial: str, value: float, seconds: float, samples: int = 64) -> TrialRecord:
