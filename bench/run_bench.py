@@ -214,13 +214,19 @@ def bench_memory(tmp: Path, repeats: int) -> dict[str, Any]:
     loop at its last step), ZeRO-2 against ZeRO-3 with CPU offload, alternating, every run kept."""
     model = tmp / "mid-qwen25vl"
     shape = mid_size_model(model)
-    # ZeRO-3 without offload and with buckets sized from the model ("auto"), to tell the offload
-    # copies and the 7B-sized buckets apart from the partitioning itself
+    # ZeRO-3 without offload, with buckets and the reuse distance sized from the model ("auto"), to
+    # tell the offload copies, the 7B-sized buckets and DeepSpeed's 1e9-element reuse distance (which
+    # keeps a model this size gathered on every rank) apart from the partitioning itself
     plain3 = json.loads((ROOT / "configs/tiny/ds_config_zero3_offload.json").read_text())
     zero = plain3["zero_optimization"]
     for key in ("offload_optimizer", "offload_param", "sub_group_size"):
         zero.pop(key, None)
-    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+    for key in (
+        "reduce_bucket_size",
+        "stage3_prefetch_bucket_size",
+        "stage3_param_persistence_threshold",
+        "stage3_max_reuse_distance",
+    ):
         zero[key] = "auto"
     (tmp / "ds_config_zero3_auto.json").write_text(json.dumps(plain3))
     configs = {

@@ -24,6 +24,7 @@ __all__ = [
     "fill_deepspeed",
     "zero_stage",
     "find_autos",
+    "zero3_reuse_distance",
     "warmup_num_steps",
     "first_step_ratio",
     "SCHEDULERS",
@@ -51,15 +52,30 @@ _WIDTH_RULES: dict[tuple[str, ...], tuple[Any, Any]] = {
     ("zero_optimization", "reduce_bucket_size"): (lambda h: h * h, 500_000_000),
     ("zero_optimization", "stage3_prefetch_bucket_size"): (lambda h: int(0.9 * h * h), 50_000_000),
     ("zero_optimization", "stage3_param_persistence_threshold"): (lambda h: 10 * h, 100_000),
+    # ours: about two decoder layers, so the last layer stays gathered from its forward to its
+    # backward and every other weight is partitioned again after use. DeepSpeed's 1e9 elements
+    # keep a model of up to ~0.5B parameters gathered on every rank from forward to backward,
+    # which is ZeRO-2's weight memory (with 7B it keeps about four layers)
+    ("zero_optimization", "stage3_max_reuse_distance"): (lambda h: 40 * h * h, 1_000_000_000),
 }
 _OTHER_AUTOS: dict[tuple[str, ...], Any] = {
     ("zero_optimization", "stage3_gather_16bit_weights_on_model_save"): True,
     ("zero_optimization", "allgather_bucket_size"): 500_000_000,
     ("zero_optimization", "sub_group_size"): 1_000_000_000,
     ("zero_optimization", "stage3_max_live_parameters"): 1_000_000_000,
-    ("zero_optimization", "stage3_max_reuse_distance"): 1_000_000_000,
     ("steps_per_print",): 100,
 }
+
+
+def zero3_reuse_distance(zero: dict[str, Any], hidden_size: int | None) -> float:
+    """ZeRO-3's stage3_max_reuse_distance (elements) of a zero_optimization block, "auto" as it is
+    filled: a weight used again within this many elements of fetched weights stays gathered."""
+    path = ("zero_optimization", "stage3_max_reuse_distance")
+    value = zero.get(path[1], 1_000_000_000)  # DeepSpeed's default
+    if value == AUTO:
+        rule, default = _WIDTH_RULES[path]
+        return float(rule(hidden_size) if hidden_size else default)
+    return float(value)
 
 
 @dataclass

@@ -3,7 +3,10 @@ architecture (config.json), the batch, `max_length` and the ZeRO stage, before a
 
 Per worker, in the model's dtype (b bytes) and fp32:
 
-* weights: every parameter (b each), divided over the workers under ZeRO-3;
+* weights: every parameter (b each), divided over the workers under ZeRO-3, where the weights
+  gathered while in use are added: those used again within `stage3_max_reuse_distance` elements
+  stay gathered, about half that distance (capped at the model) from the forward's last layers to
+  their backward, and two layers more in flight;
 * what trains (T parameters): its gradient (b), DeepSpeed's fp32 gradient partition (4), fp32 master
   copy (4) and Adam's two moments (8) — ZeRO-1 divides the master and moments over the workers,
   ZeRO-2 also the gradient partition, ZeRO-3 everything; optimizer offload moves master and moments
@@ -65,6 +68,11 @@ def _layer_tensors(h: int, inter: int, kv: int, lora_inputs: float) -> float:
     return 2 * h + (h + 2 * kv) + h + h + 2 * inter + 2 * inter + lora_inputs
 
 
+def _layer_params(h: int, inter: int, kv: int) -> float:
+    """A decoder layer's weights: q and o (h x h), k and v (h x kv), gate, up and down (h x inter)."""
+    return 2 * h * h + 2 * h * kv + 3 * h * inter
+
+
 def sample_tokens(cfg: Config, lengths: tuple[int, int] | None) -> tuple[float, float]:
     """(tokens, image tokens) of one sample (a packed row) for the estimate; `lengths` is the data
     audit's 99th-percentile (text, image) tokens per sample, or None for the upper bound."""
@@ -84,10 +92,12 @@ def estimate_memory(
     offload_optimizer: bool,
     lengths: tuple[int, int] | None = None,
     sizes: Any = None,
+    reuse_distance: float | None = None,
 ) -> MemoryEstimate | None:
     """The estimate for `cfg` (see the module doc), or None without the model's config.json.
     `lengths`: the data audit's 99th-percentile (text, image) tokens per sample; `sizes`: the
-    config's sizes.Sizes when the caller has them."""
+    config's sizes.Sizes when the caller has them; `reuse_distance`: ZeRO-3's
+    stage3_max_reuse_distance (None: DeepSpeed's default, 1e9 elements)."""
     from raytune_qvl.config.sizes import estimate_sizes, model_dims
 
     dims, sizes = model_dims(cfg.model.name), sizes or estimate_sizes(cfg)
@@ -107,6 +117,10 @@ def estimate_memory(
     est.parts["weights"] = (sizes.params + (trainable if tr.finetuning_type == "lora" else 0)) * b
     if zero_stage == 3:
         est.parts["weights"] /= n
+        # gathered while in use: a weight used again within the reuse distance stays gathered, so
+        # from the forward's last layers to their backward about half the distance is held whole
+        reuse = 1e9 if reuse_distance is None else reuse_distance
+        est.parts["gathered weights"] = min(sizes.params, reuse / 2 + 2 * _layer_params(h, inter, kv)) * b
     grads = trainable * (b + 4) / (n if zero_stage >= 2 else 1)
     states = trainable * 12 / (n if zero_stage >= 1 else 1)
     est.parts["gradients"] = grads
@@ -151,9 +165,15 @@ def estimate_for(
     sizes: Any = None,
 ) -> MemoryEstimate | None:
     """estimate_memory with the ZeRO stage and optimizer offload read from a DeepSpeed config."""
+    from raytune_qvl.config.deepspeed import zero3_reuse_distance
+    from raytune_qvl.config.sizes import model_dims
+
     zero = ds_config.get("zero_optimization") or {}
     offload = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
-    return estimate_memory(cfg, world_size, int(zero.get("stage", 0) or 0), offload, lengths, sizes)
+    dims = model_dims(cfg.model.name) or {}
+    hidden = (dims.get("text_config") or dims).get("hidden_size")
+    reuse = zero3_reuse_distance(zero, hidden)
+    return estimate_memory(cfg, world_size, int(zero.get("stage", 0) or 0), offload, lengths, sizes, reuse)
 
 
 def worker_memory(use_gpu: bool, workers_at_once: int, given_gb: float | None = None) -> float | None:

@@ -19,6 +19,7 @@ __all__ = [
     "device_config",
     "build_engine",
     "gathered_trainable_state",
+    "release_gathered",
     "barrier",
     "all_reduce_sum",
     "all_reduce_min",
@@ -124,6 +125,14 @@ def build_engine(model: Any, ds_config: dict[str, Any], groups: list[dict[str, A
     return engine
 
 
+def release_gathered(engine: Any) -> None:
+    """Under ZeRO-3, partition again every weight still gathered (or in flight) from the last
+    forward: after an evaluation, whose forward passes leave the prefetcher's weights behind, and
+    before weights are gathered for a save. Nothing under ZeRO-1/2. Every rank calls it together."""
+    if hasattr(getattr(engine, "optimizer", None), "empty_partition_cache"):
+        engine.empty_partition_cache()
+
+
 @contextmanager
 def gathered_trainable_state(engine: Any) -> Iterator[dict[str, Any]]:
     """The trained weights by their parameter names, on every rank: the LoRA weights (and
@@ -137,6 +146,7 @@ def gathered_trainable_state(engine: Any) -> Iterator[dict[str, Any]]:
     trainable = [(name, param) for name, param in engine.module.named_parameters() if param.requires_grad]
     params = [param for _, param in trainable]
     if any(hasattr(param, "ds_id") for param in params):
+        release_gathered(engine)  # a weight still in flight from a prefetch cannot be gathered
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield {name: param.detach().cpu().clone() for name, param in trainable}
     else:

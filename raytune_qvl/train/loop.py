@@ -36,6 +36,7 @@ from raytune_qvl.train.engine import (
     barrier,
     device_sum,
     gathered_trainable_state,
+    release_gathered,
 )
 from raytune_qvl.train.outputs import (
     BEST_DIR,
@@ -128,6 +129,7 @@ def _evaluate(s: Session, last: bool = False) -> dict[str, Any]:
     s.state.evals += 1
     if s.generation is not None and (last or (s.state.evals - 1) % s.cfg.evaluation.generation_every == 0):
         metrics.update(s.generation.run(s.engine, step=s.state.global_step))
+    release_gathered(s.engine)  # ZeRO-3: the evaluation's gathered weights are not training's
     metrics["eval_seconds"] = time.perf_counter() - started  # loss and generation together
     return metrics
 
@@ -143,6 +145,7 @@ def _test(s: Session) -> dict[str, Any]:
     if generation is not None:
         scores = generation.run(s.engine, step=s.state.global_step)
         metrics.update({test_metric(k): v for k, v in scores.items()})
+    release_gathered(s.engine)
     return metrics
 
 
