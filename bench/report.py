@@ -252,10 +252,10 @@ def _memory_section(memory: dict) -> list[str]:
         f"A random Qwen2.5-VL of {shape['parameters'] / 1e6:.0f}M parameters (fp32; {shape['text_layers']} text layers of width "
         f"{shape['hidden_size']}, a {shape['vision_depth']}-block vision tower; the tiny base's processor), trained for 2 steps by "
         f"{memory['workers']} Ray workers (`python -m raytune_qvl.train`), LoRA r=8. Peak host RSS of each worker over its whole "
-        "life (`ru_maxrss`, which the loop reports at the last step as `peak_host_rss_gb_max` / `_min`), the "
+        "life (the kernel's high-water mark, which the loop reports at the last step as `peak_host_rss_gb_max` / `_min`), the "
         "configurations alternating, every run shown. `zero3_auto_buckets`: the shipped ZeRO-3 file without its two "
         "offload blocks and `sub_group_size`, its buckets and persistence threshold `auto` (sized from the hidden "
-        "size, as the Hugging Face integration does).",
+        "size, as the Hugging Face integration does) and its `stage3_max_reuse_distance` `auto` (about two layers).",
         "",
         "| config | runs: peak RSS per worker, max / min over the 2 workers (GiB) | median of the max |",
         "|---|---|---|",
@@ -410,24 +410,26 @@ the JSON cache's growth there is about ten times the figure above, while the Arr
 a function of the data size. A row read builds one `Encoded` (Python lists of that row only)."""
 
 MEMORY_NOTES = """\
-The target is not met: on this CPU machine every ZeRO-3 run peaks above ZeRO-2's RSS. Dropping the
-offload blocks and sizing the buckets from the model takes ZeRO-3 from ~7.8 to ~5.3 GiB: that much
-was the offload's pinned host copies (on a machine without a GPU "offloading" copies each partition
-beside the original, and the offloaded optimizer keeps fp32 master weights and moments on the host)
-and the 5e8-element buckets sized for a 7B model. The RSS sampled after each phase now says where the
-rest comes from. Under ZeRO-2 loading adds almost nothing (the checkpoint is memory-mapped; its pages
-are read when the engine moves the weights: +1.55 GiB there, the whole fp32 model). Under ZeRO-3 the
-load itself adds ~1.8 GiB on every rank — transformers reads the whole checkpoint's state dict on
-each rank before handing each its partition, so the partitioned load is not yet smaller than the
-whole model on the host — and the run's peak comes after the first step (0.9-1.8 GiB above it, not
-attributed yet: the next samples go around the evaluation and the saves, which gather only the trained
-parameters). The plan's estimate (`config/memory.py`) is
-what training itself needs: within 20% of ZeRO-2's measured peak (and of the tiny base's, in
-`tests/integration/test_memory.py`), a third of ZeRO-3's, whose excess is the loading and gathering
-above. What would bring ZeRO-3 under ZeRO-2 on the host: loading each rank's shard of the checkpoint
-only (not the whole state dict), then finding the late peak. On GPUs the offload
-buffers are the point of the configuration (host memory in exchange for GPU memory), and this
-host-RSS comparison does not say what a GPU run holds."""
+The target is not met on this model: ZeRO-3 without offload peaks at ~1.3x ZeRO-2's RSS. What this
+round found and fixed: (1) glibc's malloc raises its mmap threshold to the largest block freed, so
+the weights ZeRO-3 gathers and frees again went back to a fragmented heap and a worker's RSS grew
+by ~2.7 GB over 3 steps; CPU workers now fix the threshold at 1 MB (`train/session.fixed_mmap_threshold`),
+which took ZeRO-3's RSS after loading from 2.6-2.8 to 1.74 GiB and its peak from 5.35 to 4.39 GiB
+(ZeRO-2's from 3.50 to 3.39, the shipped offload file's from 7.8 to 5.9). (2) An evaluation's forward passes left ~1 GB of weights gathered;
+they are partitioned again after it. (3) DeepSpeed's `stage3_max_reuse_distance` of 1e9 elements
+keeps a model this size gathered from forward to backward; `"auto"` now sizes it at about two
+layers (the `zero3_auto_buckets` row; the shipped offload file keeps DeepSpeed's default). Between
+steps ZeRO-3 now holds less than ZeRO-2 (2.6 against 3.1 GiB after the first step), and loading
+partitions as it goes (1.74 GiB, of which ~0.9 is the process itself). The peak comes inside the
+steps after the first: 311M of this model's 394M parameters are its two untied 151936 x 1024
+vocabulary matrices (embedding and lm_head, 622 MB each in fp32), which ZeRO-3 must gather whole
+when they are used — on a 7B, whose layers hold 87% of the weights, that share is small. The
+estimate (`config/memory.py`) now counts the gathered weights under ZeRO-3 (the reuse distance's
+worth, capped at the model); it is within 15% of ZeRO-2's measured peak (and of the tiny base's, in
+`tests/integration/test_memory.py`) and about half of ZeRO-3's, whose excess is the gathering
+of those two matrices through gloo. On GPUs the gathered weights are the GPU allocator's, not the
+host's, and the offload buffers are the point of the offload configuration (host memory in exchange
+for GPU memory): this host-RSS comparison does not say what a GPU run holds."""
 
 GPU_NOTES = """\
 ## GPU

@@ -215,11 +215,19 @@ def test_greater_is_better_follows_the_metric() -> None:
 
 def test_the_memory_estimate_follows_the_zero_stage_checkpointing_offload_and_data(tiny_assets) -> None:
     from raytune_qvl.config.memory import estimate_memory
+    from raytune_qvl.config.sizes import estimate_sizes
 
     cfg = load_config(TINY_TRAIN, TINY_LORA, ZERO2, check_files=False)
     z2 = estimate_memory(cfg, 2, 2, False)
     z3 = estimate_memory(cfg, 2, 3, False)
     assert z3.parts["weights"] == pytest.approx(z2.parts["weights"] / 2)  # ZeRO-3 partitions the weights
+    # and gathers them while in use: with DeepSpeed's 1e9-element reuse distance a model this small
+    # stays gathered whole from forward to backward; a short distance holds a few layers only
+    assert "gathered weights" not in z2.parts
+    sizes = estimate_sizes(cfg)
+    assert z3.parts["gathered weights"] == pytest.approx(sizes.params * sizes.dtype_bytes)
+    short = estimate_memory(cfg, 2, 3, False, reuse_distance=0)
+    assert 0 < short.parts["gathered weights"] < z3.parts["gathered weights"]
     assert estimate_memory(cfg, 2, 1, False).parts["gradients"] == pytest.approx(2 * z2.parts["gradients"])
     offloaded = estimate_memory(
         cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"use_gpu": True})}), 2, 2, True

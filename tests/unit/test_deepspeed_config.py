@@ -51,6 +51,7 @@ def test_nested_autos_from_model_width() -> None:
             "stage3_prefetch_bucket_size": "auto",
             "stage3_param_persistence_threshold": "auto",
             "stage3_gather_16bit_weights_on_model_save": "auto",
+            "stage3_max_reuse_distance": "auto",
         },
         "bf16": {"enabled": "auto"},
         "gradient_clipping": "auto",
@@ -61,6 +62,7 @@ def test_nested_autos_from_model_width() -> None:
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
     assert zero["stage3_param_persistence_threshold"] == 640
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert zero["stage3_max_reuse_distance"] == 40 * 64 * 64  # about two decoder layers, not 1e9
     assert cfg["bf16"]["enabled"] is True  # silently fp32 if DeepSpeed had seen "auto"
     assert cfg["gradient_clipping"] == 1.0
     assert cfg["optimizer"]["type"] == "AdamW"  # none given: AdamW added
