@@ -67,13 +67,14 @@ _OTHER_AUTOS: dict[tuple[str, ...], Any] = {
 }
 
 
-def zero3_reuse_distance(zero: dict[str, Any], hidden_size: int | None) -> float:
-    """ZeRO-3's stage3_max_reuse_distance (elements) of a zero_optimization block, "auto" as it is
-    filled: a weight used again within this many elements of fetched weights stays gathered."""
-    path = ("zero_optimization", "stage3_max_reuse_distance")
-    value = zero.get(path[1], 1_000_000_000)  # DeepSpeed's default
+def zero3_reuse_distance(value: Any, hidden_size: int | None) -> float:
+    """ZeRO-3's stage3_max_reuse_distance (elements) as DeepSpeed runs it: `value` as written in the
+    zero_optimization block (None when absent: DeepSpeed's default), "auto" as it is filled. A
+    weight used again within this many elements of fetched weights stays gathered."""
+    if value is None:
+        return 1e9
     if value == AUTO:
-        rule, default = _WIDTH_RULES[path]
+        rule, default = _WIDTH_RULES[("zero_optimization", "stage3_max_reuse_distance")]
         return float(rule(hidden_size) if hidden_size else default)
     return float(value)
 

@@ -92,12 +92,13 @@ def estimate_memory(
     offload_optimizer: bool,
     lengths: tuple[int, int] | None = None,
     sizes: Any = None,
-    reuse_distance: float | None = None,
+    reuse_distance: float | str | None = None,
 ) -> MemoryEstimate | None:
     """The estimate for `cfg` (see the module doc), or None without the model's config.json.
     `lengths`: the data audit's 99th-percentile (text, image) tokens per sample; `sizes`: the
     config's sizes.Sizes when the caller has them; `reuse_distance`: ZeRO-3's
-    stage3_max_reuse_distance (None: DeepSpeed's default, 1e9 elements)."""
+    stage3_max_reuse_distance as written (None: DeepSpeed's default, 1e9 elements; or "auto")."""
+    from raytune_qvl.config.deepspeed import zero3_reuse_distance
     from raytune_qvl.config.sizes import estimate_sizes, model_dims
 
     dims, sizes = model_dims(cfg.model.name), sizes or estimate_sizes(cfg)
@@ -119,7 +120,7 @@ def estimate_memory(
         est.parts["weights"] /= n
         # gathered while in use: a weight used again within the reuse distance stays gathered, so
         # from the forward's last layers to their backward about half the distance is held whole
-        reuse = 1e9 if reuse_distance is None else reuse_distance
+        reuse = zero3_reuse_distance(reuse_distance, h)
         est.parts["gathered weights"] = min(sizes.params, reuse / 2 + 2 * _layer_params(h, inter, kv)) * b
     grads = trainable * (b + 4) / (n if zero_stage >= 2 else 1)
     states = trainable * 12 / (n if zero_stage >= 1 else 1)
@@ -165,14 +166,9 @@ def estimate_for(
     sizes: Any = None,
 ) -> MemoryEstimate | None:
     """estimate_memory with the ZeRO stage and optimizer offload read from a DeepSpeed config."""
-    from raytune_qvl.config.deepspeed import zero3_reuse_distance
-    from raytune_qvl.config.sizes import model_dims
-
     zero = ds_config.get("zero_optimization") or {}
     offload = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
-    dims = model_dims(cfg.model.name) or {}
-    hidden = (dims.get("text_config") or dims).get("hidden_size")
-    reuse = zero3_reuse_distance(zero, hidden)
+    reuse = zero.get("stage3_max_reuse_distance")
     return estimate_memory(cfg, world_size, int(zero.get("stage", 0) or 0), offload, lengths, sizes, reuse)
 
 

@@ -228,6 +228,8 @@ def test_the_memory_estimate_follows_the_zero_stage_checkpointing_offload_and_da
     assert z3.parts["gathered weights"] == pytest.approx(sizes.params * sizes.dtype_bytes)
     short = estimate_memory(cfg, 2, 3, False, reuse_distance=0)
     assert 0 < short.parts["gathered weights"] < z3.parts["gathered weights"]
+    auto = estimate_memory(cfg, 2, 3, False, reuse_distance="auto")  # about two layers, filled from the width
+    assert short.parts["gathered weights"] < auto.parts["gathered weights"] <= z3.parts["gathered weights"]
     assert estimate_memory(cfg, 2, 1, False).parts["gradients"] == pytest.approx(2 * z2.parts["gradients"])
     offloaded = estimate_memory(
         cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"use_gpu": True})}), 2, 2, True
