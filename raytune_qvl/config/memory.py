@@ -4,9 +4,10 @@ architecture (config.json), the batch, `max_length` and the ZeRO stage, before a
 Per worker, in the model's dtype (b bytes) and fp32:
 
 * weights: every parameter (b each), divided over the workers under ZeRO-3, where the weights
-  gathered while in use are added: those used again within `stage3_max_reuse_distance` elements
-  stay gathered, about half that distance (capped at the model) from the forward's last layers to
-  their backward, and two layers more in flight;
+  gathered while in use are added: up to `stage3_max_live_parameters` elements (the prefetcher
+  gathers ahead until that many are), or, when more, those used again within
+  `stage3_max_reuse_distance` elements, which stay gathered (about half that distance from the
+  forward's last layers to their backward, and two layers more in flight); capped at the model;
 * what trains (T parameters): its gradient (b), DeepSpeed's fp32 gradient partition (4), fp32 master
   copy (4) and Adam's two moments (8) — ZeRO-1 divides the master and moments over the workers,
   ZeRO-2 also the gradient partition, ZeRO-3 everything; optimizer offload moves master and moments
@@ -92,13 +93,13 @@ def estimate_memory(
     offload_optimizer: bool,
     lengths: tuple[int, int] | None = None,
     sizes: Any = None,
-    reuse_distance: float | str | None = None,
+    zero: dict[str, Any] | None = None,
 ) -> MemoryEstimate | None:
     """The estimate for `cfg` (see the module doc), or None without the model's config.json.
     `lengths`: the data audit's 99th-percentile (text, image) tokens per sample; `sizes`: the
-    config's sizes.Sizes when the caller has them; `reuse_distance`: ZeRO-3's
-    stage3_max_reuse_distance as written (None: DeepSpeed's default, 1e9 elements; or "auto")."""
-    from raytune_qvl.config.deepspeed import zero3_reuse_distance
+    config's sizes.Sizes when the caller has them; `zero`: the DeepSpeed config's zero_optimization
+    block as written, for ZeRO-3's reuse distance and live parameters (absent: DeepSpeed's defaults)."""
+    from raytune_qvl.config.deepspeed import zero3_elements
     from raytune_qvl.config.sizes import estimate_sizes, model_dims
 
     dims, sizes = model_dims(cfg.model.name), sizes or estimate_sizes(cfg)
@@ -118,10 +119,12 @@ def estimate_memory(
     est.parts["weights"] = (sizes.params + (trainable if tr.finetuning_type == "lora" else 0)) * b
     if zero_stage == 3:
         est.parts["weights"] /= n
-        # gathered while in use: a weight used again within the reuse distance stays gathered, so
-        # from the forward's last layers to their backward about half the distance is held whole
-        reuse = zero3_reuse_distance(reuse_distance, h)
-        est.parts["gathered weights"] = min(sizes.params, reuse / 2 + 2 * _layer_params(h, inter, kv)) * b
+        # gathered while in use: the prefetcher gathers ahead up to the live cap; a weight used again
+        # within the reuse distance stays gathered, so from the forward's last layers to their
+        # backward about half the distance is held whole
+        live = zero3_elements(zero or {}, "stage3_max_live_parameters", h)
+        reused = zero3_elements(zero or {}, "stage3_max_reuse_distance", h) / 2 + 2 * _layer_params(h, inter, kv)
+        est.parts["gathered weights"] = min(sizes.params, max(live, reused)) * b
     grads = trainable * (b + 4) / (n if zero_stage >= 2 else 1)
     states = trainable * 12 / (n if zero_stage >= 1 else 1)
     est.parts["gradients"] = grads
@@ -168,8 +171,7 @@ def estimate_for(
     """estimate_memory with the ZeRO stage and optimizer offload read from a DeepSpeed config."""
     zero = ds_config.get("zero_optimization") or {}
     offload = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
-    reuse = zero.get("stage3_max_reuse_distance")
-    return estimate_memory(cfg, world_size, int(zero.get("stage", 0) or 0), offload, lengths, sizes, reuse)
+    return estimate_memory(cfg, world_size, int(zero.get("stage", 0) or 0), offload, lengths, sizes, zero)
 
 
 def worker_memory(use_gpu: bool, workers_at_once: int, given_gb: float | None = None) -> float | None:

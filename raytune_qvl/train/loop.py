@@ -168,14 +168,19 @@ def _run_footprint(s: Session) -> dict[str, Any]:
 
     from raytune_qvl.train.lora import trainable_by_part
 
-    since = peak_rss() / 2**30  # since the reset before the model loaded, where there was one
-    rss = max(since, s.peak_before_model / 2**30)  # the whole life's peak
-    # what the model and training added (without the reset, bounded by the life's peak)
-    added = max((since if s.peak_reset else rss) - s.rss_before_model / 2**30, 0.0)
+    gib = 2**30
+    # since the reset after the engine was built (training), or before the model loaded
+    since = peak_rss() / gib
+    loading = s.peak_loading / gib  # the model's loading and the engine's building
+    rss = max(since, loading, s.peak_before_model / gib)  # the whole life's peak
+    # what the model and training added (without the resets, bounded by the life's peak)
+    since_model = max(since, loading) if s.peak_reset else rss
+    added = max(since_model - s.rss_before_model / gib, 0.0)
+    training = since if s.peak_reset else rss
     phases = ("loaded", "engine", "first step")
-    values = [-rss, rss, -added, *(-s.rss_phases.get(p, 0.0) / 2**30 for p in phases)]
+    values = [-rss, rss, -added, -loading, -training, *(-s.rss_phases.get(p, 0.0) / gib for p in phases)]
     if s.ctx.on_gpu:
-        values.append(-torch.cuda.max_memory_allocated() / 2**30)
+        values.append(-torch.cuda.max_memory_allocated() / gib)
     reduced = all_reduce_min(values, s.engine.device)
     trainable = sum(t for t, _ in trainable_by_part(s.engine.module).values())
     t = s.cfg.training
@@ -184,6 +189,9 @@ def _run_footprint(s: Session) -> dict[str, Any]:
         "peak_host_rss_gb_min": reduced[1],
         # the peak less the RSS before the model loaded: what config/memory.py estimates on CPU
         "peak_host_rss_added_gb_max": -reduced[2],
+        # the peak while the model loaded and the engine was built, and the peak of training after it
+        "peak_host_rss_load_gb_max": -reduced[3],
+        "peak_host_rss_train_gb_max": -reduced[4],
         "trainable_params": trainable,
         # what the run fitted in memory with (a sweep's trial may have halved its micro batch to fit)
         "micro_batch": t.per_device_train_batch_size,
@@ -193,9 +201,9 @@ def _run_footprint(s: Session) -> dict[str, Any]:
     # the first step: where the peak comes from (a worker resumed mid-run has no first step)
     for i, phase in enumerate(phases):
         if phase in s.rss_phases:
-            peaks[f"host_rss_gb_after_{phase.replace(' ', '_')}"] = -reduced[3 + i]
+            peaks[f"host_rss_gb_after_{phase.replace(' ', '_')}"] = -reduced[5 + i]
     if s.ctx.on_gpu:
-        peaks["peak_gpu_memory_gb_max"] = -reduced[3 + len(phases)]
+        peaks["peak_gpu_memory_gb_max"] = -reduced[5 + len(phases)]
     return peaks
 
 

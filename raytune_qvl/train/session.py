@@ -33,7 +33,7 @@ from raytune_qvl.train.engine import (
 from raytune_qvl.train.ops import check_ops
 from raytune_qvl.train.outputs import ran_out_of_memory
 
-__all__ = ["Reporter", "LocalReporter", "Session", "setup", "seed_everything"]
+__all__ = ["Reporter", "LocalReporter", "Session", "setup", "seed_everything", "mmap_threshold"]
 
 log = logging.getLogger("raytune_qvl")
 
@@ -124,6 +124,7 @@ class Session:
     rss_phases: dict[str, float] = field(
         default_factory=dict
     )  # host RSS (bytes) after loading, the engine, its first step
+    peak_loading: float = 0.0  # peak RSS (bytes) while the model loaded and the engine was built; reset after
 
 
 def peak_rss() -> float:
@@ -156,16 +157,27 @@ def _reset_peak_rss() -> tuple[float, bool]:
 
 
 MMAP_THRESHOLD = 1 << 20  # bytes: a freed block at least this large goes back to the OS at once
+ZERO3_MMAP_THRESHOLD = 256 << 10  # under ZeRO-3: the gathers' per-rank pieces are smaller than 1 MB
 
 
-def fixed_mmap_threshold() -> bool:
+def mmap_threshold(ds_config: dict[str, Any]) -> int:
+    """The malloc mmap threshold of a CPU worker: 1 MB, or 256 KB under ZeRO-3, whose every step
+    gathers and frees each weight in pieces of about its size / world size. At 1 MB the pieces below
+    it left a 394M model's ZeRO-3 workers with ~0.55 GB of freed heap after one step (malloc_trim
+    returned it); at 256 KB that is gone. Not lower everywhere: at 64 KB the tiny model's ZeRO-2 loop
+    ran ~40% slower (activations mmap'd and faulted in again each step), at 256 KB ~5%."""
+    stage = int(((ds_config or {}).get("zero_optimization") or {}).get("stage", 0) or 0)
+    return ZERO3_MMAP_THRESHOLD if stage == 3 else MMAP_THRESHOLD
+
+
+def fixed_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     """glibc's malloc raises its mmap threshold to the largest block freed so far (up to 32 MB);
     from then on the tensors a CPU worker frees go back to its heap, fragmented, and its RSS only
     grows. Under ZeRO-3 every gathered weight is such a block: a 2-worker run of the 394M bench
     model grew by ~2.7 GB over 3 steps that way, more than the weights it partitions. A fixed
-    threshold (mallopt M_MMAP_THRESHOLD) keeps every block from 1 MB mmap'd, unmapped when freed.
-    CPU training only (a GPU's tensors are CUDA's allocator's); a MALLOC_MMAP_THRESHOLD_ set in
-    the environment wins. False where there is no glibc."""
+    threshold (mallopt M_MMAP_THRESHOLD) keeps every block from `threshold` bytes mmap'd, unmapped
+    when freed. CPU training only (a GPU's tensors are CUDA's allocator's); a MALLOC_MMAP_THRESHOLD_
+    set in the environment wins. False where there is no glibc."""
     import ctypes
     import ctypes.util
     import os
@@ -174,7 +186,7 @@ def fixed_mmap_threshold() -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
 
@@ -204,7 +216,9 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
 
     t = cfg.training
     if not ctx.on_gpu:
-        fixed_mmap_threshold()  # before the data and the model: their freed tensors return to the OS
+        fixed_mmap_threshold(
+            mmap_threshold(cfg.deepspeed)
+        )  # before the data and the model: freed tensors return to the OS
     init_distributed(ctx)
     seed_everything(cfg.environment.seed)  # the same LoRA initialisation on every worker
 
@@ -253,6 +267,9 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
             log.info("%s", note)
     engine = build_engine(model, ds_config, groups)
     rss_phases["engine"] = float(process.memory_info().rss)
+    # loading's peak apart from training's: under ZeRO-3 rank 0 maps the whole checkpoint while it
+    # loads (transformers reads it there and scatters it), a peak of file pages that training never has
+    peak_loading, _ = _reset_peak_rss() if peak_reset else (peak_rss(), False)
     seed_everything(cfg.environment.seed + ctx.rank)  # dropout differs across workers, reproducibly
 
     state = TrainState()
@@ -308,4 +325,5 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
         peak_before_model=peak_before_model,
         peak_reset=peak_reset,
         rss_phases=rss_phases,
+        peak_loading=peak_loading,
     )

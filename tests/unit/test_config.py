@@ -221,14 +221,17 @@ def test_the_memory_estimate_follows_the_zero_stage_checkpointing_offload_and_da
     z2 = estimate_memory(cfg, 2, 2, False)
     z3 = estimate_memory(cfg, 2, 3, False)
     assert z3.parts["weights"] == pytest.approx(z2.parts["weights"] / 2)  # ZeRO-3 partitions the weights
-    # and gathers them while in use: with DeepSpeed's 1e9-element reuse distance a model this small
-    # stays gathered whole from forward to backward; a short distance holds a few layers only
+    # and gathers them while in use: with DeepSpeed's 1e9-element live cap and reuse distance a model
+    # this small is gathered whole (the prefetcher runs ahead); short ones hold a few layers only
     assert "gathered weights" not in z2.parts
     sizes = estimate_sizes(cfg)
     assert z3.parts["gathered weights"] == pytest.approx(sizes.params * sizes.dtype_bytes)
-    short = estimate_memory(cfg, 2, 3, False, reuse_distance=0)
+    keys = ("stage3_max_reuse_distance", "stage3_max_live_parameters")
+    short = estimate_memory(cfg, 2, 3, False, zero=dict.fromkeys(keys, 0))
     assert 0 < short.parts["gathered weights"] < z3.parts["gathered weights"]
-    auto = estimate_memory(cfg, 2, 3, False, reuse_distance="auto")  # about two layers, filled from the width
+    reuse_only = estimate_memory(cfg, 2, 3, False, zero={keys[0]: 0})  # the live cap alone still gathers it all
+    assert reuse_only.parts["gathered weights"] == pytest.approx(z3.parts["gathered weights"])
+    auto = estimate_memory(cfg, 2, 3, False, zero=dict.fromkeys(keys, "auto"))  # about two layers, from the width
     assert short.parts["gathered weights"] < auto.parts["gathered weights"] <= z3.parts["gathered weights"]
     assert estimate_memory(cfg, 2, 1, False).parts["gradients"] == pytest.approx(2 * z2.parts["gradients"])
     offloaded = estimate_memory(

@@ -52,6 +52,7 @@ def test_nested_autos_from_model_width() -> None:
             "stage3_param_persistence_threshold": "auto",
             "stage3_gather_16bit_weights_on_model_save": "auto",
             "stage3_max_reuse_distance": "auto",
+            "stage3_max_live_parameters": "auto",
         },
         "bf16": {"enabled": "auto"},
         "gradient_clipping": "auto",
@@ -63,6 +64,7 @@ def test_nested_autos_from_model_width() -> None:
     assert zero["stage3_param_persistence_threshold"] == 640
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
     assert zero["stage3_max_reuse_distance"] == 40 * 64 * 64  # about two decoder layers, not 1e9
+    assert zero["stage3_max_live_parameters"] == 40 * 64 * 64  # the prefetcher's cap, not 1e9
     assert cfg["bf16"]["enabled"] is True  # silently fp32 if DeepSpeed had seen "auto"
     assert cfg["gradient_clipping"] == 1.0
     assert cfg["optimizer"]["type"] == "AdamW"  # none given: AdamW added
