@@ -8,8 +8,8 @@
    the exhaustive learning rate x rank grid (the starting point's budget, no early stopping) and
    random search given the sweep's compute, each winner confirmed with a seed and scored on test;
 4. scaling: sweep wall time for 4, 8 and 16 trials at concurrency 1 and 2;
-5. memory: peak host RSS per worker of a 2-worker run of a mid-size random Qwen2.5-VL (about
-   370M parameters, fp32) under ZeRO-2 against ZeRO-3 (+ CPU offload), which partitions at load;
+5. memory: peak host RSS per worker of a 2-worker run of mid-size random Qwen2.5-VLs (394M and
+   759M parameters, fp32) under ZeRO-2 against ZeRO-3 (+ CPU offload), which partitions at load;
 6. the prepared-data cache at 100,000 records: the memory-mapped Arrow cache against the JSON
    cache it replaced (bench/data_cache.py): preparation, size, and 2 ranks' load time and PSS;
 7. padded, length-grouped and packed batches on a length-varied set (bench/packing.py): padding
@@ -186,17 +186,17 @@ def _curve(trials: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
 # ----------------------------------------------------------------------------- 2. overhead
 
 
-def mid_size_model(out: Path) -> dict[str, Any]:
-    """The tiny base's processor and vocabulary with a larger random network: 24 text layers of
-    width 1024 and an 8-block vision tower of width 512. Returns its shape and parameter count."""
+def mid_size_model(out: Path, layers: int = 24) -> dict[str, Any]:
+    """The tiny base's processor and vocabulary with a larger random network: `layers` text layers
+    of width 1024 and an 8-block vision tower of width 512. Returns its shape and parameter count."""
     import torch
     from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tiny = ROOT / ".assets" / "tiny-qwen25vl"
     raw = json.loads((tiny / "config.json").read_text())
-    text = {**raw["text_config"], "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24}
+    text = {**raw["text_config"], "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": layers}
     text.update(num_attention_heads=16, num_key_value_heads=4)
-    text.pop("layer_types", None)  # one per layer: derived again for 24
+    text.pop("layer_types", None)  # one per layer: derived again
     text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [8, 12, 12]}  # head_dim 64
     vision = {**raw["vision_config"], "hidden_size": 512, "intermediate_size": 1024, "depth": 8, "num_heads": 8}
     vision.update(out_hidden_size=1024, fullatt_block_indexes=[3, 7])
@@ -206,17 +206,30 @@ def mid_size_model(out: Path) -> dict[str, Any]:
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(out)
     AutoProcessor.from_pretrained(tiny).save_pretrained(out)
-    return {"parameters": params, "text_layers": 24, "hidden_size": 1024, "vision_depth": 8}
+    return {"parameters": params, "text_layers": layers, "hidden_size": 1024, "vision_depth": 8}
 
 
-def bench_memory(tmp: Path, repeats: int) -> dict[str, Any]:
-    """Peak host RSS of each of 2 Ray workers over a whole short run (ru_maxrss, reported by the
-    loop at its last step), ZeRO-2 against ZeRO-3 with CPU offload, alternating, every run kept."""
-    model = tmp / "mid-qwen25vl"
-    shape = mid_size_model(model)
-    # ZeRO-3 without offload, with buckets and the reuse distance sized from the model ("auto"), to
-    # tell the offload copies, the 7B-sized buckets and DeepSpeed's 1e9-element reuse distance (which
-    # keeps a model this size gathered on every rank) apart from the partitioning itself
+MEMORY_KEPT = (
+    "peak_host_rss_gb_max",
+    "peak_host_rss_gb_min",
+    "peak_host_rss_added_gb_max",
+    "peak_host_rss_load_gb_max",
+    "peak_host_rss_train_gb_max",
+    "host_rss_gb_after_loaded",
+    "host_rss_gb_after_engine",
+    "host_rss_gb_after_first_step",
+)
+
+
+def bench_memory(tmp: Path, repeats: int, depths: tuple[int, ...] = (24, 48)) -> dict[str, Any]:
+    """Peak host RSS of each of 2 Ray workers over a short run (the kernel's high-water mark,
+    reported by the loop at its last step: loading's peak and training's apart), ZeRO-2 against
+    ZeRO-3, for random models of width 1024 and `depths` text layers, alternating, every run kept.
+    Gradient checkpointing on, as in every shipped GPU config."""
+    # ZeRO-3 without offload, with buckets, the reuse distance and the live cap sized from the model
+    # ("auto"), to tell the offload copies, the 7B-sized buckets and DeepSpeed's 1e9-element reuse
+    # distance and live cap (which keep a model this size gathered on every rank) apart from the
+    # partitioning itself
     plain3 = json.loads((ROOT / "configs/tiny/ds_config_zero3_offload.json").read_text())
     zero = plain3["zero_optimization"]
     for key in ("offload_optimizer", "offload_param", "sub_group_size"):
@@ -226,6 +239,7 @@ def bench_memory(tmp: Path, repeats: int) -> dict[str, Any]:
         "stage3_prefetch_bucket_size",
         "stage3_param_persistence_threshold",
         "stage3_max_reuse_distance",
+        "stage3_max_live_parameters",
     ):
         zero[key] = "auto"
     (tmp / "ds_config_zero3_auto.json").write_text(json.dumps(plain3))
@@ -234,42 +248,63 @@ def bench_memory(tmp: Path, repeats: int) -> dict[str, Any]:
         "zero3_offload": "configs/tiny/ds_config_zero3_offload.json",
         "zero3_auto_buckets": str(tmp / "ds_config_zero3_auto.json"),
     }
-    settings = [
-        f"model.name={model}",
-        "output.report_to=none",
-        "ray.num_workers=2",
-        "training.max_steps=2",
-        "training.eval_steps=2",
-        "training.save_steps=2",
-        "training.logging_steps=1",
-        "training.per_device_train_batch_size=2",
-        "training.gradient_accumulation_steps=1",
-        "evaluation.generation_samples=0",
-        "model.torch_dtype=float32",
-    ]
-    kept = ("peak_host_rss_gb_max", "peak_host_rss_gb_min", "peak_host_rss_added_gb_max")
-    kept += ("host_rss_gb_after_loaded", "host_rss_gb_after_engine", "host_rss_gb_after_first_step")
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
-    for i in range(repeats):
-        for name, ds in configs.items():
-            out = tmp / f"memory-{name}-{i}"
-            args = [*TINY, "--deepspeed", ds, *settings, f"output.dir={out}", f"ray.storage_path={tmp / 'ray'}"]
-            _run(["-m", "raytune_qvl.train", *args], timeout=1800)
-            done = json.loads((out / "final" / "training_complete.json").read_text())
-            runs[name].append({k: done[k] for k in kept if k in done})
-            shutil.rmtree(out, ignore_errors=True)
-    medians = {name: statistics.median(r["peak_host_rss_gb_max"] for r in rows) for name, rows in runs.items()}
-    added = {name: statistics.median(r["peak_host_rss_added_gb_max"] for r in rows) for name, rows in runs.items()}
-    estimates = {name: _memory_estimate_gib(ds, settings) for name, ds in configs.items()}
+    models = {}
+    for depth in depths:
+        model = tmp / f"mid-qwen25vl-{depth}"
+        shape = mid_size_model(model, layers=depth)
+        # the shipped offload file once, on the first model: its buffers are the same at any depth
+        names = list(configs) if depth == depths[0] else ["zero2", "zero3_auto_buckets"]
+        settings = [
+            f"model.name={model}",
+            "output.report_to=none",
+            "ray.num_workers=2",
+            "training.max_steps=2",
+            "training.eval_steps=2",
+            "training.save_steps=2",
+            "training.logging_steps=1",
+            "training.per_device_train_batch_size=2",
+            "training.gradient_accumulation_steps=1",
+            "evaluation.generation_samples=0",
+            "model.torch_dtype=float32",
+            "environment.gradient_checkpointing=true",
+            "data.test_path=null",  # the eval split is the evaluation's peak already
+        ]
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+        for i in range(repeats):
+            for name in names:
+                out = tmp / f"memory-{depth}-{name}-{i}"
+                args = [*TINY, "--deepspeed", configs[name], *settings, f"output.dir={out}"]
+                _run(["-m", "raytune_qvl.train", *args, f"ray.storage_path={tmp / 'ray'}"], timeout=1800)
+                done = json.loads((out / "final" / "training_complete.json").read_text())
+                runs[name].append({k: done[k] for k in MEMORY_KEPT if k in done})
+                shutil.rmtree(out, ignore_errors=True)
+
+        def median(key: str, name: str, runs: dict = runs) -> float:
+            return statistics.median(r[key] for r in runs[name])
+
+        estimates = {name: _memory_estimate_gib(configs[name], settings) for name in names}
+        shutil.rmtree(model, ignore_errors=True)  # GBs: one model on disk at a time
+        added = {name: median("peak_host_rss_added_gb_max", name) for name in names}
+        models[str(depth)] = {
+            "model": shape,
+            "runs": runs,
+            "median_peak_rss_gb": {name: median("peak_host_rss_gb_max", name) for name in names},
+            "median_train_rss_gb": {name: median("peak_host_rss_train_gb_max", name) for name in names},
+            "median_load_rss_gb": {name: median("peak_host_rss_load_gb_max", name) for name in names},
+            "median_added_rss_gb": added,
+            "estimate_gb": estimates,
+            "estimate_vs_added": {name: estimates[name] / added[name] for name in names},
+        }
+    for found in models.values():
+        train, life = found["median_train_rss_gb"], found["median_peak_rss_gb"]
+        found["zero3_vs_zero2_train_rss"] = train["zero3_auto_buckets"] / train["zero2"]
+        found["zero3_vs_zero2_rss"] = life["zero3_auto_buckets"] / life["zero2"]
+    deepest = models[str(depths[-1])]
     return {
-        "model": shape,
         "workers": 2,
-        "runs": runs,
-        "median_peak_rss_gb": medians,
-        "median_added_rss_gb": added,
-        "estimate_gb": estimates,
-        "estimate_vs_added": {name: estimates[name] / added[name] for name in configs},
-        "zero3_vs_zero2_rss": min(medians["zero3_offload"], medians["zero3_auto_buckets"]) / medians["zero2"],
+        "models": models,
+        "zero3_vs_zero2_train_rss": deepest["zero3_vs_zero2_train_rss"],
+        "zero3_vs_zero2_rss": deepest["zero3_vs_zero2_rss"],
     }
 
 
@@ -586,7 +621,9 @@ def main() -> None:
             results["scaling"] = bench_scaling(tmp, [2, 4] if args.quick else [4, 8, 16])
         if "memory" in parts:
             print("memory per worker, ZeRO-2 against ZeRO-3 ...", flush=True)
-            results["memory"] = bench_memory(tmp, repeats=1 if args.quick else 2)
+            results["memory"] = bench_memory(
+                tmp, repeats=1 if args.quick else 2, depths=(24,) if args.quick else (24, 48)
+            )
         if "cache" in parts:
             print("prepared-data cache, Arrow against JSON ...", flush=True)
             results["cache"] = bench_cache(tmp, records=10_000 if args.quick else 100_000)
@@ -606,6 +643,7 @@ def main() -> None:
             "sweep_test_gap_vs_grid": results.get("search", {}).get("sweep_test_gap_vs_grid"),
             "sweep_seeds_matching_grid": results.get("search", {}).get("sweep_seeds_matching_grid"),
             "sweep_samples_ratio_vs_grid": results.get("search", {}).get("sweep_samples_ratio_vs_grid"),
+            "zero3_vs_zero2_train_rss": results.get("memory", {}).get("zero3_vs_zero2_train_rss"),
             "zero3_vs_zero2_rss": results.get("memory", {}).get("zero3_vs_zero2_rss"),
             "cache_pss_growth_mb": results.get("cache", {}).get("arrow_pss_growth_mb_max"),
             "packed_vs_padded_tokens_per_second": results.get("packing", {}).get("packed_vs_padded"),
