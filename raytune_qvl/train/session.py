@@ -29,6 +29,7 @@ from raytune_qvl.train.engine import (
     count_nodes,
     device_config,
     init_distributed,
+    release_gathered,
 )
 from raytune_qvl.train.ops import check_ops
 from raytune_qvl.train.outputs import ran_out_of_memory
@@ -276,6 +277,12 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
     resume = reporter.resume_checkpoint()
     if resume is not None:
         state = load_checkpoint(engine, resume, rank=ctx.rank)
+        # ZeRO-3 adds a weight a module reads from another (peft's LoRA layer reads lora_A's dtype)
+        # to the reading module the first time it finds that weight partitioned. A new engine holds
+        # its small persistent weights partitioned, so this happens in the step whose trace is
+        # recorded; a loaded one holds them gathered, so it happened a step later, the prefetch
+        # queue no longer matched the modules and training stopped ("tracing error at step N")
+        release_gathered(engine)
         if not has_engine_state(resume) and state.global_step < plan.total_steps:
             raise RuntimeError(
                 f"{resume} holds the adapter only (training.final_checkpoint adapter), at step "

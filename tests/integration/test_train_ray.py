@@ -237,7 +237,9 @@ def test_interrupt_and_resume_continues_with_the_same_data_order(
     hook, and under Ray the step-8 checkpoint registered, so the signal lands there however slowly
     this test runs); the same command continues from step 8 and ends where an uninterrupted run
     with the same seed ends, with the same eval losses: in one process under ZeRO-2, and under Ray
-    with two ZeRO-3 workers (partitioned parameters and optimizer state offloaded to the CPU)."""
+    with two ZeRO-3 workers (partitioned parameters and optimizer state offloaded to the CPU). The
+    tiny ZeRO-3 file's live cap makes DeepSpeed check its prefetch queue against the modules at each
+    step of the resumed run, which stopped it while a loaded engine held its small weights gathered."""
     launcher, zero, workers = mode
     common = [
         "raytune_qvl.train",
