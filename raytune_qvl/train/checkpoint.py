@@ -43,6 +43,7 @@ class TrainState:
     global_step: int = 0  # optimizer steps done
     epoch: int = 0  # current epoch (0-based)
     micro_batch: int = 0  # micro-batches of this epoch already trained (on every worker)
+    micro_size: int = 0  # the samples in one of those micro-batches (0: a checkpoint from before it was kept)
     samples_seen: int = 0
     best_metric: float | None = None
     best_step: int | None = None
@@ -50,6 +51,16 @@ class TrainState:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+    def count_in_micro_batches_of(self, micro: int) -> None:
+        """Count this epoch's trained micro-batches in micro-batches of `micro` samples. A resume may
+        split the same effective batch differently (an out-of-memory retry halves the micro batch and
+        doubles the accumulation): its epoch goes on at the same sample, which the count in the old
+        size would misplace. A whole number of optimizer steps of the same size was trained, so the
+        samples divide by the new micro batch."""
+        if self.micro_size and self.micro_size != micro:
+            self.micro_batch = self.micro_batch * self.micro_size // micro
+        self.micro_size = micro
 
     @classmethod
     def from_file(cls, path: Path) -> "TrainState":

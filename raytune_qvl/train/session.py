@@ -273,7 +273,7 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
     peak_loading, _ = _reset_peak_rss() if peak_reset else (peak_rss(), False)
     seed_everything(cfg.environment.seed + ctx.rank)  # dropout differs across workers, reproducibly
 
-    state = TrainState()
+    state = TrainState(micro_size=t.per_device_train_batch_size)
     resume = reporter.resume_checkpoint()
     if resume is not None:
         state = load_checkpoint(engine, resume, rank=ctx.rank)
@@ -283,6 +283,7 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
         # recorded; a loaded one holds them gathered, so it happened a step later, the prefetch
         # queue no longer matched the modules and training stopped ("tracing error at step N")
         release_gathered(engine)
+        state.count_in_micro_batches_of(t.per_device_train_batch_size)
         if not has_engine_state(resume) and state.global_step < plan.total_steps:
             raise RuntimeError(
                 f"{resume} holds the adapter only (training.final_checkpoint adapter), at step "
