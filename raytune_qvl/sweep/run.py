@@ -39,8 +39,8 @@ from raytune_qvl.sweep.points import starting_batch, starting_point
 from raytune_qvl.sweep.records import TrialRecord, best_record, resolved_point
 from raytune_qvl.sweep.space import EFFECTIVE_BATCH, SearchSpace, stages
 from raytune_qvl.sweep.state import STATE_FILE, SweepState
-from raytune_qvl.sweep.warm import load_warm_start, sweep_digest
-from raytune_qvl.train.outputs import PREDICTIONS_FILE, make_dir, writable_dir_problem
+from raytune_qvl.sweep.warm import load_warm_start, sweep_task, task_digest
+from raytune_qvl.train.outputs import PREDICTIONS_FILE, config_changes, make_dir, writable_dir_problem
 
 __all__ = ["run_sweep", "SweepResult", "SweepInterrupted"]
 
@@ -86,7 +86,9 @@ def run_sweep(
     prep_started = time.perf_counter()
     pre = preflight(base)  # once per sweep: the trials read the prepared data from the cache
     prep_seconds = time.perf_counter() - prep_started
-    digest = sweep_digest(space, base, [s.fingerprint for s in (pre.train, pre.eval) if s is not None])
+    task = sweep_task(space, base, [s.fingerprint for s in (pre.train, pre.eval) if s is not None])
+    digest = task_digest(task)
+    _check_same_task(space, state, task, digest)
     if warm_start and not state.warm_start:
         warm = load_warm_start(warm_start, space, base, digest)
         state.add_records(warm.records)
@@ -101,7 +103,7 @@ def run_sweep(
             f"({warm.outside} outside it); {best}",
             flush=True,
         )
-    state.digest = state.digest or digest
+    state.digest, state.task = digest, task
     _check_feasible(space, base, len(pre.train.items))
     for warning in memory_check(space, base, pre.train.audit.lengths(), workers_at_once(space, base))[1]:
         log.warning("memory: %s", warning)
@@ -114,13 +116,20 @@ def run_sweep(
     make_dir(space.sweep_dir, space.source, "output_dir")
     tracker = connect(uri, space.experiment)
     if state.parent_run_id:
-        if state.tracking_uri != uri or not tracker.reopen(state.parent_run_id):
+        cannot = f"cannot reopen this sweep's MLflow parent run {state.parent_run_id}"
+        if state.tracking_uri != uri:
             rule = (
-                f"cannot reopen this sweep's MLflow parent run {state.parent_run_id} in {redact(uri)} "
-                f"(it was logged to {redact(state.tracking_uri)}): resume with that mlflow.tracking_uri, "
-                "or pass --overwrite to start over"
+                f"{cannot} in {redact(uri)} (it was logged to {redact(state.tracking_uri)}): resume with "
+                "that mlflow.tracking_uri, or pass --overwrite to start over"
             )
             raise ConfigError([Problem(space.source, "mlflow.tracking_uri", rule, show_value=False)])
+        if not tracker.reopen(state.parent_run_id):
+            rule = (
+                f"{cannot}: it is not in experiment {space.experiment!r} of {redact(uri)} (the experiment "
+                "was renamed here, or the run deleted): resume with the experiment it was logged to, "
+                "or pass --overwrite to start over"
+            )
+            raise ConfigError([Problem(space.source, "mlflow.experiment", rule, show_value=False)])
         parent = state.parent_run_id
         log.info("resuming sweep %s (MLflow parent run %s)", space.name, parent)
     else:
@@ -164,6 +173,22 @@ def run_sweep(
     state.finished = True
     sweep.save_state()
     return SweepResult(space.sweep_dir, best, state.trials, parent, uri)
+
+
+def _check_same_task(space: SearchSpace, state: SweepState, task: dict[str, Any], digest: str) -> None:
+    """A resumed sweep goes on only with the task its trials ran: a changed base config, data,
+    metric or trial resources would rank new trials against old ones; refused, naming what changed."""
+    if not state.digest or state.digest == digest:
+        return
+    from raytune_qvl.config.overrides import flatten
+
+    changes = config_changes(flatten(state.task), flatten(task)) if state.task else []
+    shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+    rule = (
+        f"this sweep's task changed since it began ({shown or 'its base config, data, metric or trial resources'}): "
+        "its trials would not compare with new ones; undo the change, or pass --overwrite to start over"
+    )
+    raise ConfigError([Problem(space.source, "base", rule, show_value=False)])
 
 
 def _check_warm_start_path(space: SearchSpace, warm_start: str | None, resume: bool) -> None:

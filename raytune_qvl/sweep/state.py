@@ -25,6 +25,7 @@ class SweepState:
     baseline: dict[str, Any] | None = None  # the metric before fine-tuning: {value, trial}
     finished: bool = False
     digest: str = ""  # what makes trials of two sweeps comparable (warm.sweep_digest)
+    task: dict[str, Any] | None = None  # what the digest is of (warm.sweep_task): a resume names what changed
     warm_start: dict[str, Any] | None = None  # WarmStart.summary() of a warm-started sweep
 
     @classmethod

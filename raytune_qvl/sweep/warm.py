@@ -32,15 +32,24 @@ from raytune_qvl.sweep.records import TrialRecord, rank
 from raytune_qvl.sweep.space import EFFECTIVE_BATCH, LR_FACTOR, LR_KEY, SearchSpace
 from raytune_qvl.sweep.state import STATE_FILE, SweepState
 
-__all__ = ["WarmStart", "sweep_digest", "load_warm_start", "canonical_overrides", "BEST_FILE"]
+__all__ = [
+    "WarmStart",
+    "sweep_task",
+    "task_digest",
+    "sweep_digest",
+    "load_warm_start",
+    "canonical_overrides",
+    "BEST_FILE",
+]
 
 BEST_FILE = "best/best.json"  # in a finished sweep's folder: which trial won (outputs.write_best)
 _IMPORTED = ("completed", "stopped", "confirmation")  # trials that trained to a value
 
 
-def sweep_digest(space: SearchSpace, base: Config, data_fingerprints: list[str]) -> str:
+def sweep_task(space: SearchSpace, base: Config, data_fingerprints: list[str]) -> dict[str, Any]:
     """What makes two sweeps' trials comparable: the base config (all but where its outputs go),
-    the prepared data's fingerprints, the metric and the resources a trial trains with."""
+    the prepared data's fingerprints, the metric and the resources a trial trains with; as it
+    reads back from a state file."""
     tree = base.model_dump(mode="json", exclude={"output", "ray", "paths"})
     what = {
         "base": tree,
@@ -49,7 +58,15 @@ def sweep_digest(space: SearchSpace, base: Config, data_fingerprints: list[str])
         "workers_per_trial": space.resources.workers_per_trial,
         "use_gpu": space.resources.use_gpu,
     }
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json.loads(json.dumps(what, default=str))
+
+
+def task_digest(task: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(task, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sweep_digest(space: SearchSpace, base: Config, data_fingerprints: list[str]) -> str:
+    return task_digest(sweep_task(space, base, data_fingerprints))
 
 
 def canonical_overrides(overrides: dict[str, Any], keys: list[str], base: Config) -> dict[str, Any] | None:

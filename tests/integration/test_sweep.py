@@ -103,6 +103,25 @@ def test_staged_sweep_with_a_failure_an_interrupt_and_a_resume(tiny_assets: Path
     # without --resume the sweep refuses to start over silently
     again = run_cli("raytune_qvl.sweep", str(space_file), env=env)
     assert again.returncode == 2 and "--resume" in again.stderr
+    # a resume refuses a changed task, naming the key, and a parent run it cannot reopen; both leave the state as it was
+    import yaml
+
+    before = state_path.read_text()
+    for change, named in (
+        (
+            {"overrides": {**yaml.safe_load(space_file.read_text())["overrides"], "training.warmup_ratio": 0.2}},
+            "base.training.warmup_ratio",
+        ),
+        (
+            {"mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "renamed"}},
+            "mlflow.experiment",
+        ),
+    ):
+        changed = tmp_path / "changed.yaml"
+        changed.write_text(yaml.safe_dump({**yaml.safe_load(space_file.read_text()), **change}))
+        refused = run_cli("raytune_qvl.sweep", str(changed), "--resume", env=env)
+        assert refused.returncode == 2 and named in refused.stderr and "--overwrite" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr and state_path.read_text() == before
 
     resumed = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
