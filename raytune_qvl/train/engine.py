@@ -87,15 +87,35 @@ def device_config(ds: dict[str, Any], *, on_gpu: bool) -> tuple[dict[str, Any], 
     if offload or str(optimizer.get("type", "")).lower() not in ("adam", "adamw"):
         return out, notes
     params = optimizer.setdefault("params", {})
-    if "torch_adam" in params:
+    if "torch_adam" in params or params.get("bias_correction") is False:  # torch's Adam always corrects
         return out, notes
     params["torch_adam"] = True
+    # what FusedAdam takes and torch's AdamW does not (it would stop deepspeed.initialize on every rank)
+    dropped = sorted(k for k in params if k not in _torch_adamw_params())
+    for key in dropped:
+        del params[key]
+    if dropped:
+        notes.append(f"optimizer: {', '.join(dropped)} dropped (DeepSpeed's FusedAdam only; torch's AdamW does that)")
     if on_gpu:
         params.setdefault("fused", True)
         notes.append("GPU: optimizer runs as torch.optim.AdamW(fused=True): no DeepSpeed op to compile")
     else:
         notes.append("CPU: optimizer runs as torch.optim.AdamW (torch_adam)")
     return out, notes
+
+
+def _torch_adamw_params() -> set[str]:
+    """The optimizer block's keys a torch_adam block may keep: torch.optim.AdamW's own, and those
+    DeepSpeed takes out before it builds it."""
+    import inspect
+
+    import torch
+
+    return (set(inspect.signature(torch.optim.AdamW).parameters) - {"params"}) | {
+        "torch_adam",
+        "adam_w_mode",
+        "fp32_optimizer_states",
+    }
 
 
 def build_engine(model: Any, ds_config: dict[str, Any], groups: list[dict[str, Any]] | None = None) -> Any:

@@ -41,6 +41,14 @@ def test_seed_jsons_fill_completely(path: Path) -> None:
     assert cfg["scheduler"]["params"]["warmup_type"] == "linear"
     assert any("WarmupDecayLR replaced by WarmupCosineLR" in n for n in filled.notes)
     assert ds["scheduler"]["type"] == "WarmupDecayLR"  # the input is not modified
+    # DeepSpeed's throughput timer, which synchronizes the device twice a micro-step, is off as
+    # DeepSpeed reads it; a JSON that configures it keeps its own
+    from deepspeed.utils.config import get_timers_config
+
+    assert not get_timers_config(cfg).enabled
+    own = {**ds, "timers": {"throughput": {"enabled": True, "synchronized": False}}}
+    kept = fill_deepspeed(own, TRAINING, ENV, world_size=4, total_steps=300).config
+    assert get_timers_config(kept).enabled and not get_timers_config(kept).synchronized
 
 
 def test_nested_autos_from_model_width() -> None:
@@ -184,6 +192,19 @@ def test_gpu_runs_the_json_adamw_as_torch_fused_adamw_with_nothing_to_compile() 
     own = json.loads(json.dumps(zero2))
     own["optimizer"]["params"]["torch_adam"] = False
     assert required_ops(device_config(own, on_gpu=True)[0], on_gpu=True) == ["fused_adam"]
+    # FusedAdam's own keys are dropped (torch's AdamW would refuse them), and what is kept builds it
+    fused_only = json.loads(json.dumps(zero2))
+    fused_only["optimizer"]["params"].update(bias_correction=True, set_grad_none=True)
+    block, notes = device_config(fused_only, on_gpu=True)
+    kept = block["optimizer"]["params"]
+    assert "bias_correction" not in kept and "set_grad_none" not in kept and "set_grad_none" in " ".join(notes)
+    import torch
+
+    torch_kwargs = {k: v for k, v in kept.items() if k not in ("torch_adam", "fused")}
+    torch.optim.AdamW([torch.zeros(2, requires_grad=True)], **torch_kwargs)
+    # torch's AdamW always corrects the bias: a block that turns it off stays DeepSpeed's FusedAdam
+    fused_only["optimizer"]["params"]["bias_correction"] = False
+    assert required_ops(device_config(fused_only, on_gpu=True)[0], on_gpu=True) == ["fused_adam"]
     offload, notes = device_config(_filled(SEED_ZERO3), on_gpu=True)
     assert "torch_adam" not in offload["optimizer"]["params"] and not notes
     assert required_ops(offload, on_gpu=True) == ["cpu_adam"]
