@@ -30,6 +30,14 @@ def _warn_once(message: str) -> None:
         log.warning(message)
 
 
+def _import_problem(module: str) -> str | None:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - an ImportError, or an OSError of a compiled library
+        return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+    return None
+
+
 def resolve_attention(
     requested: str, *, on_gpu: bool, dtype_name: str, capability: tuple[int, int] | None = None
 ) -> str:
@@ -44,6 +52,8 @@ def resolve_attention(
         reason = "flash-attn is not installed (pip install 'raytune_qvl[gpu]')"
     elif not on_gpu:
         reason = "FlashAttention-2 needs a GPU"
+    elif (broken := _import_problem("flash_attn")) is not None:  # e.g. built against another torch
+        reason = f"flash-attn does not import ({broken})"
     elif dtype_name == "float32":
         reason = "FlashAttention-2 needs bfloat16 or float16"
     elif capability is not None and capability < (8, 0):
@@ -52,6 +62,12 @@ def resolve_attention(
         _warn_once(f"attn_implementation flash_attention_2 requested but {reason}; using sdpa")
         return "sdpa"
     return requested
+
+
+def is_flash(attn: str) -> bool:
+    """A FlashAttention kernel (flash_attention_2/3, a hub kernel): it keeps packed samples apart
+    only in a batch of one row (transformers finds the samples from its position ids there)."""
+    return "flash" in attn
 
 
 def count_records(path: str | None) -> int:

@@ -107,15 +107,23 @@ class PackingCollator:
     `packed_inputs`, which gives each sample its own Qwen2.5-VL 3-D rope positions, computed by the model's own
     `get_rope_index`, with a text row that restarts at 0 — the 4-row `position_ids` from which
     transformers confines attention to each sample (a block mask with SDPA, varlen with
-    FlashAttention-2). Trailing padding is a segment of its own, its labels masked."""
+    FlashAttention-2). Trailing padding is a segment of its own, its labels masked.
 
-    def __init__(self, pad_token_id: int, max_length: int):
-        self.pad_token_id, self.max_length = pad_token_id, max_length
+    `one_row` (FlashAttention): transformers keeps packed samples apart in FlashAttention's varlen
+    kernel only in a batch of one row (with several rows each row would attend across its samples),
+    so the micro-batch is one row of all its samples back to back, with no padding at all: the
+    kernel's cost grows with the tokens, not with the row's length squared as SDPA's block mask does."""
+
+    def __init__(self, pad_token_id: int, max_length: int, *, one_row: bool = False):
+        self.pad_token_id, self.max_length, self.one_row = pad_token_id, max_length, one_row
 
     def rows(self, lengths: Sequence[int]) -> list[list[int]]:
         """Sample indices per row, each row in its samples' batch order: as few rows as first fit
         decreasing needs, then the samples spread over that many rows, longest first onto the
-        shortest row that has room, so the rows end close together and the batch pads little."""
+        shortest row that has room, so the rows end close together and the batch pads little.
+        One row of every sample with `one_row`."""
+        if self.one_row:
+            return [list(range(len(lengths)))]
         order = sorted(range(len(lengths)), key=lambda k: (-lengths[k], k))
         rows: list[list[int]] = []
         room: list[int] = []

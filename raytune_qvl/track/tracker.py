@@ -30,6 +30,7 @@ __all__ = [
     "TAG_REASON",
     "TAG_TRIAL_ID",
     "TAG_BEST_TRIAL",
+    "TAG_ATTENTION",
     "TAG_BUDGET_EPOCH",
     "TAG_BUDGET_SAMPLES",
     "TAG_BOUNDARY",
@@ -47,6 +48,7 @@ TAG_STATUS = "raytune_qvl.status"  # running | completed | stopped | failed | in
 TAG_REASON = "raytune_qvl.reason"  # why a run failed or was stopped
 TAG_TRIAL_ID = "raytune_qvl.trial_id"  # a trial's Tune id
 TAG_BEST_TRIAL = "raytune_qvl.best_trial"  # a sweep's best trial
+TAG_ATTENTION = "raytune_qvl.attention"  # the attention implementation the workers ran (resolved on them)
 TAG_BUDGET_EPOCH = "raytune_qvl.budget_epoch"  # where ASHA stopped a trial
 TAG_BUDGET_SAMPLES = "raytune_qvl.budget_samples"
 TAG_BOUNDARY = "raytune_qvl.boundary"  # a sweep winner at the edge of its range, and what to try next

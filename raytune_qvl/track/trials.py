@@ -14,6 +14,7 @@ from raytune_qvl.errors import trial_error
 from raytune_qvl.reports import unpack
 from raytune_qvl.track.runs import log_predictions
 from raytune_qvl.track.tracker import (
+    TAG_ATTENTION,
     TAG_BUDGET_EPOCH,
     TAG_BUDGET_SAMPLES,
     TAG_REASON,
@@ -123,6 +124,8 @@ class SweepTracking(Callback):
         self._log_cost(run_id, last)
         if last.get("finished"):
             tags = {TAG_STATUS: "completed"}
+            if last.get("attention"):  # what the workers ran, resolved on them
+                tags[TAG_ATTENTION] = last["attention"]
         else:
             epoch, samples = last.get("epoch", 0), last.get("samples_seen", 0)
             tags = {

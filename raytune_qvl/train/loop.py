@@ -193,6 +193,7 @@ def _run_footprint(s: Session) -> dict[str, Any]:
         "peak_host_rss_load_gb_max": -reduced[3],
         "peak_host_rss_train_gb_max": -reduced[4],
         "trainable_params": trainable,
+        "attention": s.attention,  # as the workers resolved it (the driver may have no GPU, or another one)
         # what the run fitted in memory with (a sweep's trial may have halved its micro batch to fit)
         "micro_batch": t.per_device_train_batch_size,
         "accumulation_steps": t.gradient_accumulation_steps,

@@ -88,7 +88,7 @@ def run_training(
 ) -> TrainResult:
     from raytune_qvl.cluster import check_outputs_outside_job_dir
     from raytune_qvl.track.runs import log_training_outputs, open_training_run
-    from raytune_qvl.track.tracker import check_server, connect
+    from raytune_qvl.track.tracker import TAG_ATTENTION, check_server, connect
 
     launched = time.time()
     if not use_ray:
@@ -134,6 +134,8 @@ def run_training(
             print(format_progress(m, started), file=sys.stderr, flush=True)
             if tracker is not None:
                 tracker.log_metrics(run_id, m, step=int(m.get("step", 0)))
+                if m.get("attention"):  # the final report: what the workers ran
+                    tracker.set_tags(run_id, {TAG_ATTENTION: m["attention"]})
 
     def fit() -> dict[str, Any]:
         metrics = (

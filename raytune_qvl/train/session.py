@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from raytune_qvl.config.plan import is_flash
 from raytune_qvl.config.schema import Config
 from raytune_qvl.errors import ConfigError, Problem
 from raytune_qvl.train.checkpoint import (
@@ -126,6 +127,7 @@ class Session:
         default_factory=dict
     )  # host RSS (bytes) after loading, the engine, its first step
     peak_loading: float = 0.0  # peak RSS (bytes) while the model loaded and the engine was built; reset after
+    attention: str = "sdpa"  # the attention implementation this worker loaded the model with (resolved here)
 
 
 def peak_rss() -> float:
@@ -258,8 +260,10 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
     with partitioned(ds_config):
         model = make_trainable(load_model(cfg, on_gpu=ctx.on_gpu), cfg)
     rss_phases = {"loaded": float(process.memory_info().rss)}
+    attention = str(getattr(model.config, "_attn_implementation", None) or "eager")
     groups = param_groups(model, cfg)
     if ctx.is_main:
+        log.info("attention: %s (as the workers resolved it)", attention)
         log.info(format_parts(trainable_by_part(model)))
         if len(groups) > 1:
             rates = ", ".join(f"{g['name']} {g['lr']:.3g}" for g in groups)
@@ -303,7 +307,7 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
         dataset=dataset,
         eval_dataset=TrainDataset(eval_split.items, processor) if eval_split is not None else None,
         collator=(
-            PackingCollator(processor.tokenizer.pad_token_id, cfg.data.max_length)
+            PackingCollator(processor.tokenizer.pad_token_id, cfg.data.max_length, one_row=is_flash(attention))
             if cfg.data.packing
             else Collator(processor.tokenizer.pad_token_id)
         ),
@@ -329,6 +333,7 @@ def setup(cfg: Config, ctx: WorkerContext, reporter: Reporter, started_at: float
         num_nodes=count_nodes(ctx),
         started_at=started_at,
         data_seconds=data_seconds,
+        attention=attention,
         rss_before_model=rss_before_model,
         peak_before_model=peak_before_model,
         peak_reset=peak_reset,

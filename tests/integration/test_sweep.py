@@ -186,6 +186,7 @@ def test_staged_sweep_with_a_failure_an_interrupt_and_a_resume(tiny_assets: Path
             record = next(t for t in trials if t["trial_id"] == c.data.tags["raytune_qvl.trial_id"])
             assert c.data.metrics["cost_samples"] == record["samples_seen"] == record["cost"]["samples"]
             assert c.data.metrics["cost_trainable_params"] > 0 and c.data.metrics["cost_peak_memory_gb"] > 0
+            assert c.data.tags["raytune_qvl.attention"] == "sdpa"  # as the trial's workers resolved it
     assert parent.data.metrics["best_eval_loss"] == pytest.approx(best_value)
     mean = (best_value + confirmation[0]["value"]) / 2
     assert parent.data.metrics["best_eval_loss_mean"] == pytest.approx(mean)

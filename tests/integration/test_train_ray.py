@@ -55,6 +55,7 @@ def test_zero2_two_workers_learns_and_tracks_one_mlflow_run(tiny_config, ray_clu
     assert run.info.status == "FINISHED"
     assert run.data.params["training.learning_rate"] == "0.003"  # configs/tiny
     assert run.data.params["lora.r"] == "16" and run.data.params["derived.effective_batch_size"] == "16"
+    assert run.data.tags["raytune_qvl.attention"] == "sdpa"  # as the workers resolved it
     history = client.get_metric_history(run.info.run_id, "eval_loss")
     assert [m.step for m in history] == [8, 16, 24, 32]
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 8  # every logging step

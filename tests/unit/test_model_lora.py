@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,16 +135,38 @@ def test_flash_attention_falls_back_to_sdpa_with_a_warning(caplog: pytest.LogCap
     assert plan.resolve_attention("eager", on_gpu=False, dtype_name="float32") == "eager"
 
 
-def test_flash_attention_needs_compute_capability_8(monkeypatch: pytest.MonkeyPatch) -> None:
+def _a_flash_attn_package(folder: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> None:
+    """A `flash_attn` package of `body` on sys.path (this machine has none)."""
+    (folder / "flash_attn").mkdir()
+    (folder / "flash_attn" / "__init__.py").write_text(body)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+
+
+def test_flash_attention_needs_compute_capability_8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """V100 (7.0) and T4 (7.5) import flash-attn and then fail at the first forward."""
     from raytune_qvl.config import plan
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(plan.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else real(name))
+    _a_flash_attn_package(tmp_path, monkeypatch, "")
     fa2 = {"on_gpu": True, "dtype_name": "bfloat16"}
     assert plan.resolve_attention("flash_attention_2", **fa2, capability=(7, 5)) == "sdpa"
     assert plan.resolve_attention("flash_attention_2", **fa2, capability=(8, 0)) == "flash_attention_2"
     assert plan.resolve_attention("flash_attention_2", **fa2, capability=None) == "flash_attention_2"  # the driver
+    assert plan.is_flash("flash_attention_2") and not plan.is_flash("sdpa")
+
+
+def test_a_flash_attn_that_does_not_import_falls_back_to_sdpa(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A flash-attn built against another torch is found by name and fails to load its library."""
+    from raytune_qvl.config import plan
+
+    _a_flash_attn_package(tmp_path, monkeypatch, "raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c10')")
+    plan._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="raytune_qvl"):
+        fa2 = {"on_gpu": True, "dtype_name": "bfloat16", "capability": (9, 0)}
+        assert plan.resolve_attention("flash_attention_2", **fa2) == "sdpa"
+    assert "flash-attn does not import (ImportError: flash_attn_2_cuda.so: undefined symbol" in caplog.text
 
 
 def _fixed_batch(tiny_assets: Path, processor):
