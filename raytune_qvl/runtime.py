@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
-__all__ = ["quiet_libraries", "quiet_ray_worker", "has_gpu_hint", "setup_logging"]
+__all__ = [
+    "quiet_libraries",
+    "quiet_ray_worker",
+    "has_gpu_hint",
+    "setup_logging",
+    "show_warnings_once",
+    "take_warnings",
+    "WARNINGS_KEY",
+]
 
 
 def has_gpu_hint() -> bool:
@@ -20,8 +29,6 @@ def quiet_libraries() -> None:
     if not has_gpu_hint():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # avoids DeepSpeed's accelerator probe warning
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after tokenizing
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # DeepSpeed JIT-compiles ops (~1 min each) into this cache; keep it across runs and trials
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
@@ -43,6 +50,104 @@ def quiet_known_warnings() -> None:
 
     for category, message in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+
+
+# Library log messages a normal run prints and nobody can act on, by message (the rest of the
+# libraries' warnings show, each once)
+KNOWN_LOG_MESSAGES = (
+    # DeepSpeed, at the scheduler's step(0) that makes the first optimizer step train (engine.build_engine)
+    re.compile(r"Attempting to get learning rate from scheduler before it has started"),
+    # torch, building DeepSpeed's CPU Adam on a machine without CUDA
+    re.compile(r"No CUDA runtime is found, using CUDA_HOME"),
+)
+# the libraries whose warnings a worker shows: DeepSpeed's, transformers' and some of torch's loggers
+# have handlers of their own and do not propagate to the root logger
+LIBRARY_LOGGERS = ("DeepSpeed", "transformers", "peft", "torch", "raytune_qvl")
+WARNINGS_KEY = "warnings"  # in a worker's report: its warnings since the last report ([key, text] pairs)
+
+
+class _OnceAndNotNoise(logging.Filter):
+    """A warning shows once per process (by logger and message template: "%d of %d answers were cut"
+    is one message whatever the numbers), and the known noise not at all. Other levels pass. The
+    decision is kept on the record, so every handler the record reaches agrees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        shown = getattr(record, "_raytune_qvl_shown", None)
+        if shown is None:
+            key = (record.name, str(record.msg))
+            shown = record.levelno != logging.WARNING or (
+                key not in self.seen and not any(p.search(record.getMessage()) for p in KNOWN_LOG_MESSAGES)
+            )
+            self.seen.add(key)
+            record._raytune_qvl_shown = shown  # type: ignore[attr-defined]
+        return shown
+
+
+class WarningCollector(logging.Handler):
+    """The warnings a worker showed since its last report, for the report (a sweep's workers write
+    to Ray's log files: its driver shows each warning once, naming the trial)."""
+
+    LIMIT = 20  # per report: a flood is cut
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.new: list[list[str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.new) < self.LIMIT:
+            text = (record.getMessage().strip().splitlines() or [""])[0][:400]
+            prefix = "" if record.name.startswith("raytune_qvl") else f"{record.name}: "
+            self.new.append([f"{record.name}|{record.msg}", prefix + text])
+
+    def take(self) -> list[list[str]]:
+        new, self.new = self.new, []
+        return new
+
+
+_collector: WarningCollector | None = None
+
+
+def show_warnings_once() -> WarningCollector:
+    """In a worker: the libraries' warnings at WARNING (not silenced by level: an attention fallback,
+    a use_cache note or an overflow is what a first run needs), each once, the known noise dropped;
+    Python warnings through logging too; all of them collected for the worker's next report."""
+    global _collector
+    if _collector is not None:
+        return _collector
+    once, collector = _OnceAndNotNoise(), WarningCollector()
+    collector.addFilter(once)
+    logging.captureWarnings(True)  # Python warnings (those KNOWN_WARNINGS leaves) as records of py.warnings
+    root = logging.getLogger()
+    if not root.handlers:  # what logging's last resort printed, printed the same way
+        plain = logging.StreamHandler(sys.stderr)
+        plain.setLevel(logging.WARNING)
+        plain.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+        root.addHandler(plain)
+    for logger in [root, *_library_loggers()]:
+        for handler in logger.handlers:
+            handler.addFilter(once)
+        if logger is root or not logger.propagate:  # where its records stop
+            logger.addHandler(collector)
+    _collector = collector
+    return collector
+
+
+def _library_loggers() -> list[logging.Logger]:
+    """The libraries' loggers that have handlers of their own (as the libraries set them up on import)."""
+    return [
+        logger
+        for name, logger in list(logging.Logger.manager.loggerDict.items())
+        if isinstance(logger, logging.Logger) and name.split(".")[0] in LIBRARY_LOGGERS and logger.handlers
+    ]
+
+
+def take_warnings() -> list[list[str]]:
+    """This worker's warnings since the last call ([] where `show_warnings_once` did not run)."""
+    return _collector.take() if _collector is not None else []
 
 
 # Ray's own messages from its processes that a normal run prints and nobody acts on

@@ -116,7 +116,11 @@ def run_confirmation(sweep: Sweep, *, restore: bool) -> list[TrialRecord]:
             cost=partial(trial_cost, resources=space.resources),
         )
         progress = SweepProgress(
-            CONFIRM_STAGE, space.metric, confirmation_overrides, base.training.per_device_train_batch_size
+            CONFIRM_STAGE,
+            space.metric,
+            confirmation_overrides,
+            base.training.per_device_train_batch_size,
+            warned=sweep.warned,
         )
         tuner = tune.Tuner(
             trainable,

@@ -4,7 +4,7 @@ tracker with the parent run, and how many trials run at a time."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ class Sweep:
     parent: str  # the MLflow parent run
     concurrency: int = 1  # trials at once
     resume: bool = False  # continue an interrupted stage's Tune experiment
+    warned: set[str] = field(default_factory=set)  # the workers' warnings shown so far (each once a sweep)
 
     @property
     def dir(self) -> Path:

@@ -11,6 +11,7 @@ from typing import Any
 from ray.tune import Callback
 
 from raytune_qvl.errors import trial_error
+from raytune_qvl.runtime import WARNINGS_KEY
 
 __all__ = ["SweepProgress", "quiet_trial_errors"]
 
@@ -63,10 +64,14 @@ def quiet_trial_errors() -> None:
 
 class SweepProgress(Callback):
     """`overrides(sampled) -> config overrides` names what a trial trains (the sweep's PointResolver);
-    `micro`: the base's micro batch (a trial that ran out of memory halves it, and says so)."""
+    `micro`: the base's micro batch (a trial that ran out of memory halves it, and says so);
+    `warned`: the workers' warnings shown so far, shared by the sweep's stages (each shows once)."""
 
-    def __init__(self, stage: str, metric: str, overrides: Any, micro: int | None = None):
+    def __init__(
+        self, stage: str, metric: str, overrides: Any, micro: int | None = None, *, warned: set[str] | None = None
+    ):
         self.stage, self.metric, self.overrides, self.micro = stage, metric, overrides, micro
+        self.warned = warned if warned is not None else set()
 
     def _micro(self, trial: Any) -> int | None:
         try:
@@ -87,6 +92,10 @@ class SweepProgress(Callback):
         self._say(trial, f"started{f' ({sampler})' if sampler else ''}: {point}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        for key, text in result.get(WARNINGS_KEY) or []:  # the worker's output is in Ray's log files
+            if key not in self.warned:
+                self.warned.add(key)
+                self._say(trial, f"warning: {text}")
         if result.get(self.metric) is not None:
             self._say(trial, f"epoch {result.get('epoch', 0):.2f}  {self.metric} {result[self.metric]:.4f}")
 

@@ -99,7 +99,7 @@ def run_stage(
         )
         scheduler = make_scheduler(space, stage, max_budget(space, base, stage, fixed, sweep.num_samples))
         micro = base.training.per_device_train_batch_size
-        progress = SweepProgress(stage.label, space.metric, resolver.overrides, micro)
+        progress = SweepProgress(stage.label, space.metric, resolver.overrides, micro, warned=sweep.warned)
         fetch = FetchOutputs(train_storage(space), str(sweep.dir.absolute()))
         tuner = _tuner(trainable, stage, sweep, searcher, scheduler, [fetch, tracking, progress])
 

@@ -10,26 +10,27 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raytune_qvl import runtime
+
 __all__ = ["RayReporter", "train_loop_per_worker", "quiet_worker"]
 
 
 def quiet_worker(rank: int, verbose: bool = True) -> None:
     """One progress view for the user: workers keep their logs to warnings (rank 0 also
     says what it trains), so the driver's progress lines are not buried."""
-
-    from raytune_qvl import runtime
-
     runtime.quiet_libraries()
     runtime.setup_logging(logging.INFO if rank == 0 and verbose else logging.WARNING)
     runtime.quiet_known_warnings()
-    for name in ("DeepSpeed", "deepspeed", "transformers", "peft", "torch.distributed", "torch.utils.cpp_extension"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     try:  # DeepSpeed's logger resets its level when first imported: set it after that
         from deepspeed.utils import logger as ds_logger
 
-        ds_logger.setLevel(logging.ERROR)
+        ds_logger.setLevel(logging.WARNING)  # not its per-step INFO lines
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.get_logger("transformers")  # its own handler is made here: show_warnings_once filters it
     except ImportError:
         pass
+    runtime.show_warnings_once()
     try:  # Ray Train logs every report at INFO through a logger named after its file
         from ray.train.v2._internal.execution import context as train_context
 
@@ -61,6 +62,9 @@ class RayReporter:
         import ray.train
 
         self._last = time.monotonic()
+        warned = runtime.take_warnings()
+        if warned:  # a sweep's driver shows each once (this worker's output goes to Ray's log files)
+            metrics = {**metrics, runtime.WARNINGS_KEY: warned}
         if checkpoint is None:
             ray.train.report(metrics)
         else:
