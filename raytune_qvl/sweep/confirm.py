@@ -37,6 +37,7 @@ class Confirmed:
     overrides: dict[str, Any]
     values: list[float] = field(default_factory=list)  # the search trial's, then each run's
     tests: list[float] = field(default_factory=list)  # each confirmation run's test score
+    failed: int = 0  # confirmation runs that failed or diverged: the config did not hold with another seed
 
     @property
     def mean(self) -> float:
@@ -165,17 +166,21 @@ def _records(results: Any, space: Any) -> list[TrialRecord]:
 
 
 def confirmed(sweep: Sweep) -> list[Confirmed]:
-    """Each candidate with its values (search + confirmation runs) and test scores, best mean first."""
+    """Each candidate with its values (search + confirmation runs) and test scores, best mean first;
+    a config with a confirmation run that failed or diverged after every config without one (its
+    mean would be of the seeds that happened to work)."""
     test_key = test_metric(sweep.space.metric)
     table = {rec.trial_id: Confirmed(rec.trial_id, rec.overrides, [rec.value]) for rec in candidates(sweep)}
     for rec in sweep.state.records():
-        if rec.stage != CONFIRM_STAGE or rec.status != "confirmation" or rec.sampled.get("of") not in table:
+        if rec.stage != CONFIRM_STAGE or rec.sampled.get("of") not in table:
             continue
         entry = table[rec.sampled["of"]]
-        if rec.value is not None and math.isfinite(rec.value):
-            entry.values.append(rec.value)
+        if rec.status != "confirmation" or rec.value is None or not math.isfinite(rec.value):
+            entry.failed += 1
+            continue
+        entry.values.append(rec.value)
         test = last_value(rec.history, test_key)
         if test is not None:
             entry.tests.append(test)
     sign = 1 if sweep.space.mode == "min" else -1
-    return sorted(table.values(), key=lambda c: sign * c.mean)
+    return sorted(table.values(), key=lambda c: (c.failed > 0, sign * c.mean))

@@ -56,9 +56,11 @@ def ranked(sweep: Sweep) -> list[TrialRecord]:
 def prune_checkpoints(sweep: Sweep, keep: list[str] = ()) -> None:
     """Sweeps must not fill the disk: engine checkpoints of finished trials go (they only
     serve restarts), and adapters stay for the best `keep_best_adapters` trials only (and the
-    trials in `keep`: the confirmed configs, one of which best/ copies). A warm start's source
-    is never touched."""
-    best = ranked(sweep)[: max(1, sweep.space.keep_best_adapters)]
+    trials in `keep`: the confirmed configs, one of which best/ copies; until then the configs to
+    confirm, any of which may win by its mean). A warm start's source is never touched."""
+    confirm = sweep.space.confirm
+    to_confirm = confirm.top_k if confirm.seeds else 0
+    best = ranked(sweep)[: max(1, sweep.space.keep_best_adapters, to_confirm)]
     keep = {r.trial_id for r in best} | set(keep)
     storage = train_storage(sweep.space)
     for rec in sweep.state.trained():
@@ -168,6 +170,11 @@ def mean_std(mean: float, std: float, n: int) -> str:
     return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
 
 
+def count(n: int, noun: str) -> str:
+    """'1 run', '2 runs'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def confirmation_table(space: Any, confirmations: list[Any]) -> str:
     """Each confirmed config: its mean and spread over the search run and the confirmation runs,
     and its test score; the winner (the best mean) first."""
@@ -186,7 +193,8 @@ def confirmation_table(space: Any, confirmations: list[Any]) -> str:
         held_out = mean_std(c.test_mean, c.test_std, len(c.tests)) if c.test_mean is not None else "—"
         values = "  ".join(_cell(c.overrides.get(k, "")) for k in keys)
         row = f"{i:>2}  {c.trial_id:<22} {mean_std(c.mean, c.std, len(c.values)):>22} {len(c.values):>3}"
-        lines.append(f"{row}  {held_out:>22} {len(c.tests):>3}  {values}")
+        failed = f"  ({count(c.failed, 'confirmation run')} failed: ranked last)" if c.failed else ""
+        lines.append(f"{row}  {held_out:>22} {len(c.tests):>3}  {values}{failed}")
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from raytune_qvl.sweep.context import Sweep
 from raytune_qvl.sweep.outputs import (
     boundary_advice,
     confirmation_table,
+    count,
     cost_table,
     mean_std,
     prune_checkpoints,
@@ -99,7 +100,7 @@ def run_sweep(
             else "none of its full runs fits"
         )
         print(
-            f"warm start from {warm.source}: {_count(len(warm.records), 'trained run')} in this space "
+            f"warm start from {warm.source}: {count(len(warm.records), 'trained run')} in this space "
             f"({warm.outside} outside it); {best}",
             flush=True,
         )
@@ -144,7 +145,7 @@ def run_sweep(
     r = space.resources
     joining = bool(base.ray.address or os.environ.get("RAY_ADDRESS"))
     # a local cluster is sized for the trials its cores hold; a joined one is what it is
-    planned = 1 if joining else concurrency_for(space, os.cpu_count() or 1, local_gpus() if r.use_gpu else 0)
+    planned = 1 if joining else concurrency_for(space, os.cpucount() or 1, local_gpus() if r.use_gpu else 0)
     per_trial = 1 + r.workers_per_trial * r.cpus_per_worker  # the trial's own process + its workers
     try:
         with tracker.outcome(parent) as finished_tags:
@@ -314,7 +315,7 @@ def _confirm(sweep: Sweep) -> None:
         return
     runs = min(space.confirm.top_k, len(ranked(sweep))) * space.confirm.seeds
     top, seeds = space.confirm.top_k, space.confirm.seeds
-    print(f"\n=== {CONFIRM_STAGE}: the top {top} configs, {_count(seeds, 'more seed')} each ({runs} runs)", flush=True)
+    print(f"\n=== {CONFIRM_STAGE}: the top {top} configs, {count(seeds, 'more seed')} each ({runs} runs)", flush=True)
     restore = sweep.resume and done.get("status") == "running"
     state.stages[CONFIRM_STAGE] = {"status": "running"}
     sweep.save_state()
@@ -322,10 +323,6 @@ def _confirm(sweep: Sweep) -> None:
     state.set_stage_records(CONFIRM_STAGE, records)
     state.stages[CONFIRM_STAGE] = {"status": "done"}
     sweep.save_state()
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _fmt_point(point: dict[str, Any], float_format: str = ".3g") -> str:
@@ -380,7 +377,7 @@ def _finish(sweep: Sweep, finished_tags: dict[str, Any]) -> dict[str, Any]:
         c = confirmations[0]
         print(
             f"  the sweep's result, on the held-out test split: {test_metric(space.metric)} "
-            f"{mean_std(c.test_mean, c.test_std, len(c.tests))} ({_count(len(c.tests), 'run')} with other seeds)"
+            f"{mean_std(c.test_mean, c.test_std, len(c.tests))} ({count(len(c.tests), 'run')} with other seeds)"
         )
     for line in advice:
         print(f"  advice: {line}")

@@ -181,11 +181,23 @@ def log_sweep_result(
     }
     if confirmations:
         winner, held_out = confirmations[0], test_metric(space.metric)
-        metrics |= {f"best_{space.metric}_mean": winner.mean, f"best_{space.metric}_std": winner.std}
+        # a spread of one value is not a measurement: the std only where there are two or more
+        metrics[f"best_{space.metric}_mean"] = winner.mean
+        if len(winner.values) > 1:
+            metrics[f"best_{space.metric}_std"] = winner.std
         if winner.test_mean is not None:
-            metrics |= {f"{held_out}_mean": winner.test_mean, f"{held_out}_std": winner.test_std}
+            metrics[f"{held_out}_mean"] = winner.test_mean
+            if len(winner.tests) > 1:
+                metrics[f"{held_out}_std"] = winner.test_std
         rows = [
-            {"trial": c.trial_id, "values": c.values, "mean": c.mean, "std": c.std, "tests": c.tests}
+            {
+                "trial": c.trial_id,
+                "values": c.values,
+                "mean": c.mean,
+                "std": c.std,
+                "tests": c.tests,
+                "failed": c.failed,
+            }
             for c in confirmations
         ]
         tracker.log_dict(parent, rows, "confirmation.json")

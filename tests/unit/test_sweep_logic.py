@@ -382,3 +382,58 @@ def test_running_out_of_memory_halves_the_micro_batch_instead_of_retrying_the_sa
     monkeypatch.setenv(FAULT_OOM_ENV, "lora.r=999@0;3")
     with pytest.raises(torch.OutOfMemoryError):
         Faults(cfg, 0, 1).before_step()
+
+
+def _sweep(space, records: list[TrialRecord], **changes):
+    """A Sweep over `records` (the space's other settings changed by `changes`), without a cluster."""
+    from dataclasses import asdict
+
+    from raytune_qvl.sweep.context import Sweep
+
+    state = SweepState(name=space.name, trials=[asdict(r) for r in records])
+    return Sweep(space.model_copy(update=changes), None, None, state, None, "parent")
+
+
+def _confirmation(of: str, value: float | None, status: str = "confirmation") -> TrialRecord:
+    return TrialRecord(f"c-{of}-{value}", "confirm", {"of": of}, {}, value, status)
+
+
+def test_a_config_whose_confirmation_failed_never_wins_on_its_lucky_seed(tiny_space) -> None:
+    """'lucky' has the best search value, but one of its other seeds diverges: it ranks after
+    'steady', whose seeds all trained, and the table says why."""
+    from raytune_qvl.sweep.confirm import confirmed
+    from raytune_qvl.sweep.outputs import confirmation_table
+
+    space, _ = tiny_space
+    records = [
+        _record("lucky", 0.10),
+        _record("steady", 0.12),
+        _confirmation("lucky", None, "failed"),
+        _confirmation("lucky", 0.11),
+        _confirmation("steady", 0.13),
+        _confirmation("steady", 0.125),
+    ]
+    table = confirmed(_sweep(space, records))
+    assert [(c.trial_id, c.failed) for c in table] == [("steady", 0), ("lucky", 1)]
+    assert table[0].values == [0.12, 0.13, 0.125] and table[1].values == [0.10, 0.11]
+    assert "1 confirmation run failed: ranked last" in confirmation_table(space, table).splitlines()[-1]
+    # without the failure the lucky config wins by its mean
+    assert confirmed(_sweep(space, [r for r in records if r.status != "failed"]))[0].trial_id == "lucky"
+
+
+def test_the_configs_to_confirm_keep_their_adapters_until_confirmed(tiny_space, tmp_path: Path) -> None:
+    """keep_best_adapters 1 and three configs to confirm: the adapters of all three stay (any may win
+    by its mean); without confirmation only the best's."""
+    from raytune_qvl.sweep.outputs import prune_checkpoints
+    from raytune_qvl.sweep.space import Confirm
+    from raytune_qvl.sweep.trial import trial_dir
+
+    space, _ = tiny_space
+    records = [_record("a", 0.1), _record("b", 0.2), _record("c", 0.3), _record("d", 0.4)]
+    for confirm, kept in ((Confirm(top_k=3, seeds=1), {"a", "b", "c"}), (Confirm(top_k=3, seeds=0), {"a"})):
+        changes = dict(output_dir=str(tmp_path / str(confirm.seeds)), storage_path=str(tmp_path / "ray"))
+        sweep = _sweep(space, records, keep_best_adapters=1, confirm=confirm, **changes)
+        for r in records:
+            (Path(trial_dir(str(sweep.dir), r.trial_id)) / "final").mkdir(parents=True)
+        prune_checkpoints(sweep)
+        assert {r.trial_id for r in records if (Path(trial_dir(str(sweep.dir), r.trial_id)) / "final").is_dir()} == kept
