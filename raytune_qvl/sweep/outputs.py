@@ -259,11 +259,15 @@ def _cost_cell(value: float | None) -> str:
     return f"{value:>12,.0f}" if value >= 100 else f"{value:>12.3g}"
 
 
-def boundary_advice(space: Any, best: TrialRecord) -> list[str]:
+def boundary_advice(space: Any, best: TrialRecord, lr_batch: int | None = None) -> list[str]:
     """A winner at the edge of a searched range may be better still outside it: one line per such
-    parameter, with the range to try next."""
-    from raytune_qvl.sweep.space import LR_FACTOR
+    parameter, with the range to try next. The learning-rate range is at the batch its stage ran at
+    (`lr_batch`): a winner that trained at another effective batch has its rate moved back there by
+    the scaling rule before it is compared."""
+    from raytune_qvl.config.batch_math import scale_lr
+    from raytune_qvl.sweep.space import EFFECTIVE_BATCH, LR_FACTOR, LR_KEY
 
+    rule = space.lr_scaling.rule if space.strategy == "staged" else "none"
     lines = []
     for key, domain in space.parameters.items():
         value = best.point.get(key)
@@ -273,10 +277,17 @@ def boundary_advice(space: Any, best: TrialRecord) -> list[str]:
         if len(ends) < 2:
             continue
         low, high = min(ends), max(ends)
+        shown = f"{key} {value:g}"
+        trained_batch = best.point.get(EFFECTIVE_BATCH)
+        if key == LR_KEY and lr_batch and trained_batch and int(trained_batch) != lr_batch and rule != "none":
+            value = scale_lr(float(value), lr_batch, int(trained_batch), rule)
+            shown = (
+                f"{key} {best.point[key]:g} at effective batch {trained_batch} ({value:g} at the stage's {lr_batch})"
+            )
         if value >= high:
             further = high * 2 if isinstance(high, float) or key != "training.num_epochs" else high + 2
-            lines.append(f"{key} {value:g} is the top of its range [{low:g}, {high:g}]: try up to {further:g}")
+            lines.append(f"{shown} is the top of its range [{low:g}, {high:g}]: try up to {further:g}")
         elif value <= low:
             further = low / 2 if isinstance(low, float) else max(1, low // 2)
-            lines.append(f"{key} {value:g} is the bottom of its range [{low:g}, {high:g}]: try down to {further:g}")
+            lines.append(f"{shown} is the bottom of its range [{low:g}, {high:g}]: try down to {further:g}")
     return lines

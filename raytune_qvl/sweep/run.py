@@ -38,7 +38,7 @@ from raytune_qvl.sweep.outputs import (
 from raytune_qvl.sweep.plan import concurrency_for, local_gpus, memory_check, workers_at_once
 from raytune_qvl.sweep.points import starting_batch, starting_point
 from raytune_qvl.sweep.records import TrialRecord, best_record, resolved_point
-from raytune_qvl.sweep.space import EFFECTIVE_BATCH, SearchSpace, stages
+from raytune_qvl.sweep.space import EFFECTIVE_BATCH, LR_KEY, SearchSpace, stages
 from raytune_qvl.sweep.state import STATE_FILE, SweepState
 from raytune_qvl.sweep.warm import load_warm_start, sweep_task, task_digest
 from raytune_qvl.train.outputs import PREDICTIONS_FILE, config_changes, make_dir, writable_dir_problem
@@ -276,6 +276,7 @@ def _run_stages(sweep: Sweep) -> None:
         restore = sweep.resume and done.get("status") == "running"  # continue its Tune experiment
         state.stages[stage.label] = {"status": "running"}
         sweep.save_state()
+        stage_batch = lr_batch  # the effective batch its learning rates are at
         outcome = run_stage(sweep, stage, fixed, lr_batch, incumbent, restore=restore)
         state.set_stage_records(stage.label, outcome.records)
         sweep.save_state()
@@ -290,7 +291,13 @@ def _run_stages(sweep: Sweep) -> None:
             lr_batch = int(fixed.get(EFFECTIVE_BATCH, lr_batch))
             incumbent = best
         best_point = {k: fixed[k] for k in space.parameters if k in fixed}
-        state.stages[stage.label] = {"status": "done", "best": best_point, "value": best.value, "trial": best.trial_id}
+        state.stages[stage.label] = {
+            "status": "done",
+            "best": best_point,
+            "value": best.value,
+            "trial": best.trial_id,
+            "lr_batch": stage_batch,
+        }
         if state.baseline is None:
             state.measure_baseline(space.metric)
         sweep.save_state()
@@ -329,6 +336,14 @@ def _fmt_point(point: dict[str, Any], float_format: str = ".3g") -> str:
     return ", ".join(f"{k}={v:{float_format}}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
 
 
+def _lr_stage_batch(sweep: Sweep) -> int | None:
+    """The effective batch the learning-rate stage's rates were at (its range is in those units)."""
+    for stage in stages(sweep.space):
+        if LR_KEY in stage.params:
+            return sweep.state.stages.get(stage.label, {}).get("lr_batch")
+    return None
+
+
 def _finish(sweep: Sweep, finished_tags: dict[str, Any]) -> dict[str, Any]:
     """best/, pruning, the parent run's results and plots, the table and the way to the UI."""
     from raytune_qvl.track.runs import log_sweep_result
@@ -349,7 +364,7 @@ def _finish(sweep: Sweep, finished_tags: dict[str, Any]) -> dict[str, Any]:
     prune_checkpoints(sweep, keep=[c.trial_id for c in confirmations])
     counts = sweep.state.counts()
     predictions = trial_folder(sweep, best) / "best" / PREDICTIONS_FILE
-    advice = boundary_advice(space, best)
+    advice = boundary_advice(space, best, _lr_stage_batch(sweep))
     front = sweep_front(sweep, records, confirmations, best)
     log_sweep_result(
         sweep.tracker,

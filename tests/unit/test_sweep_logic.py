@@ -437,3 +437,27 @@ def test_the_configs_to_confirm_keep_their_adapters_until_confirmed(tiny_space, 
             (Path(trial_dir(str(sweep.dir), r.trial_id)) / "final").mkdir(parents=True)
         prune_checkpoints(sweep)
         assert {r.trial_id for r in records if (Path(trial_dir(str(sweep.dir), r.trial_id)) / "final").is_dir()} == kept
+
+
+def test_boundary_advice_reads_the_learning_rate_at_its_stages_batch(tiny_space) -> None:
+    """The demo's rates [1e-4, 3e-3] were searched at effective batch 16 (sqrt rule). A winner at
+    batch 32 trained at 4.2e-3 is inside the range there (2.97e-3); one at batch 8 trained at
+    2.12e-3 is its top (3e-3); the top rank and the top epochs are flagged as they are."""
+    from raytune_qvl.sweep.outputs import boundary_advice
+
+    space, _ = tiny_space
+    lr, batch, rank, epochs = "training.learning_rate", "effective_batch", "lora.r", "training.num_epochs"
+
+    def advice(point: dict) -> list[str]:
+        return boundary_advice(space, TrialRecord("t", "s", {}, {}, 0.1, "completed", point=point), lr_batch=16)
+
+    inside = advice({lr: 4.2e-3, batch: 32, rank: 16, epochs: 4})
+    assert inside == ["effective_batch 32 is the top of its range [8, 32]: try up to 64"]  # the rate is not
+    top_lr, bottom_batch = advice({lr: 3e-3 * (8 / 16) ** 0.5, batch: 8, rank: 16, epochs: 4})
+    assert bottom_batch == "effective_batch 8 is the bottom of its range [8, 32]: try down to 4"
+    assert top_lr.startswith(f"{lr} 0.00212132 at effective batch 8 (0.003 at the stage's 16) is the top")
+    edges = advice({lr: 1e-3, batch: 16, rank: 32, epochs: 6})
+    assert edges == [
+        "lora.r 32 is the top of its range [8, 32]: try up to 64",
+        "training.num_epochs 6 is the top of its range [3, 6]: try up to 8",
+    ]
