@@ -233,10 +233,11 @@ def sampler_for(
 
 
 def early_stopping(space: SearchSpace, stage: Stage) -> bool:
-    """Whether ASHA stops a stage's poor trials early. Not in the epochs stage of a staged sweep:
-    at any rung a longer cosine schedule is still at a high learning rate while a shorter one has
-    decayed, so ASHA would stop the long schedules for being mid-way, not for being worse."""
-    return space.asha.enabled and not (space.strategy == "staged" and EPOCHS_KEY in stage.params)
+    """Whether ASHA stops a stage's poor trials early. Not where the epochs are searched (the epochs
+    stage of a staged sweep, a joint or random search over them): at any rung a longer cosine
+    schedule is still at a high learning rate while a shorter one has decayed, so ASHA would stop
+    the long schedules for being mid-way, not for being worse."""
+    return space.asha.enabled and EPOCHS_KEY not in stage.params
 
 
 def _checkpoints_text(space: SearchSpace, base: Config) -> str:

@@ -241,7 +241,13 @@ def _prepare_dir(space: SearchSpace, *, resume: bool, overwrite: bool) -> SweepS
 
 
 def _check_feasible(space: SearchSpace, base: Config, num_samples: int) -> None:
-    """The largest effective batch must fit the data at least once per epoch."""
+    """The largest effective batch must fit the data at least once per epoch; ASHA's max_t must
+    not cut the trials short."""
+    from raytune_qvl.sweep.search import max_t_problem
+
+    problem = max_t_problem(space, base, num_samples)
+    if problem:
+        raise ConfigError([Problem(space.source, "asha.max_t", problem, space.asha.max_t)])
     if EFFECTIVE_BATCH in space.parameters:
         batches = [int(b) for b in space.parameters[EFFECTIVE_BATCH].extremes()]
     else:

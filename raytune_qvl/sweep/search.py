@@ -26,7 +26,15 @@ from raytune_qvl.sweep.space import (
     param_type,
 )
 
-__all__ = ["optuna_space", "UniqueSearch", "make_searcher", "sampler_for", "make_scheduler", "max_budget"]
+__all__ = [
+    "optuna_space",
+    "UniqueSearch",
+    "make_searcher",
+    "sampler_for",
+    "make_scheduler",
+    "max_budget",
+    "max_t_problem",
+]
 
 
 def optuna_space(params: Mapping[str, Domain], types: Mapping[str, Any]) -> dict[str, Any]:
@@ -207,10 +215,35 @@ def make_searcher(
 
 
 def max_budget(space: SearchSpace, base: Config, stage: Stage, fixed: dict[str, Any], num_samples: int) -> float:
-    """The longest trial of the stage in ASHA's time unit: asha.max_t when set, else epochs, or the
-    samples the longest trial really trains (an epoch trains whole effective batches: floor(N / B) x B)."""
-    if space.asha.max_t is not None:
-        return space.asha.max_t
+    """ASHA's max_t for the stage: asha.max_t when set (its rungs go up to it), else the longest
+    trial. Never below the longest trial (`max_t_problem` refuses that before the sweep starts): ASHA
+    stops a trial that reaches max_t, and a stopped trial never wins."""
+    longest = longest_trial(space, base, stage, fixed, num_samples)
+    return longest if space.asha.max_t is None else max(space.asha.max_t, longest)
+
+
+def max_t_problem(space: SearchSpace, base: Config, num_samples: int) -> str | None:
+    """What is wrong with asha.max_t for this space (None: nothing): below the longest trial of a
+    stage that ASHA stops early, it would stop every trial before its end."""
+    from raytune_qvl.sweep.points import starting_point
+    from raytune_qvl.sweep.space import stages
+
+    if space.asha.max_t is None:
+        return None
+    fixed = starting_point(space, base)
+    budgets = [longest_trial(space, base, s, fixed, num_samples) for s in stages(space) if early_stopping(space, s)]
+    if not budgets or space.asha.max_t >= max(budgets):
+        return None
+    unit = "epochs" if space.asha.time_attr == "epoch" else "samples"
+    return (
+        f"is below the longest trial ({max(budgets):g} {unit}): ASHA would stop every trial there, before "
+        "its end, and a stopped trial never wins; leave it out (the longest trial) or raise it"
+    )
+
+
+def longest_trial(space: SearchSpace, base: Config, stage: Stage, fixed: dict[str, Any], num_samples: int) -> float:
+    """The longest trial of the stage in ASHA's time unit: epochs, or the samples it really trains
+    (an epoch trains whole effective batches: floor(N / B) x B)."""
     epochs = [fixed.get(EPOCHS_KEY, base.training.num_epochs)]
     if EPOCHS_KEY in stage.params:
         epochs = [v for v in stage.params[EPOCHS_KEY].extremes() if v is not None]

@@ -138,8 +138,19 @@ def test_the_sampler_is_named_for_what_really_runs(tiny_space) -> None:
     assert type(make_scheduler(space, lr, 6.0)).__name__ == "AsyncHyperBandScheduler"
     fixed = {"training.num_epochs": 6}
     assert max_budget(space, base, lr, fixed, 256) == 6.0
-    capped = space.model_copy(update={"asha": space.asha.model_copy(update={"max_t": 3.0})})
-    assert max_budget(capped, base, lr, fixed, 256) == 3.0  # asha.max_t is honoured
+    # asha.max_t is honoured (the rungs go up to it), and refused below the longest trial, which
+    # ASHA would stop there (the shipped space starts at 4 epochs; its epochs stage has no ASHA)
+    from raytune_qvl.sweep.search import max_t_problem
+
+    def capped(max_t: float):
+        return space.model_copy(update={"asha": space.asha.model_copy(update={"max_t": max_t})})
+
+    assert max_budget(capped(8.0), base, lr, fixed, 256) == 8.0 and max_t_problem(capped(8.0), base, 256) is None
+    assert max_t_problem(capped(4.0), base, 256) is None
+    assert max_t_problem(capped(3.0), base, 256).startswith("is below the longest trial (4 epochs)")
+    assert max_budget(capped(3.0), base, lr, fixed, 256) == 6.0  # never cuts a trial short
+    # a random search over the epochs has no early stopping either
+    assert type(make_scheduler(random_space, stages(random_space)[0], 6.0)).__name__ == "FIFOScheduler"
     samples = space.model_copy(update={"asha": space.asha.model_copy(update={"time_attr": "samples_seen"})})
     # an epoch trains whole effective batches: 250 samples at batch 16 train 240 of them
     assert max_budget(samples, base, lr, {**fixed, "effective_batch": 16}, 250) == 6 * 240
