@@ -31,13 +31,16 @@ def _param_values(record: Any) -> dict[str, Any]:
 
 
 def sweep_study(records: list[Any], mode: str) -> Any:
-    """Every scored trial of every stage in one in-memory Optuna study (with each trial's full
-    point, fixed values included), so importances and coordinates span the whole sweep."""
+    """Every full-budget trial of every stage (confirmation runs included) in one in-memory Optuna
+    study (with each trial's full point, fixed values included), so importances and coordinates span
+    the whole sweep; a trial ASHA stopped has a value of a shorter budget, which no other is compared with."""
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
     scored = [
-        r for r in records if r.value is not None and math.isfinite(r.value) and r.status not in ("failed", "reused")
+        r
+        for r in records
+        if r.value is not None and math.isfinite(r.value) and r.status in ("completed", "confirmation")
     ]
     points = [(_param_values(r), r.value) for r in scored]
     names = sorted({k for p, _ in points for k in p})
@@ -69,7 +72,7 @@ def figures(space: Any, records: list[Any]) -> dict[str, Any]:
     colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(stages)}
     trained = [r for r in records if r.status != "reused" and not r.origin]  # this sweep's own trials
 
-    # optimization history: every trial's value in launch order, best so far
+    # optimization history: every trial's value in launch order, the best full-budget search trial so far
     fig, ax = plt.subplots(figsize=(8, 4.5))
     best, xs, bests, failed = None, [], [], []
     for i, r in enumerate(trained):
@@ -78,6 +81,8 @@ def figures(space: Any, records: list[Any]) -> dict[str, Any]:
             continue
         marker = "o" if r.status == "completed" else "v"
         ax.scatter(i, r.value, color=colors[r.stage], marker=marker, label=r.stage)
+        if r.status != "completed":  # stopped by ASHA (a shorter budget) or a confirmation run: never the best
+            continue
         best = r.value if best is None else (min(best, r.value) if space.mode == "min" else max(best, r.value))
         xs.append(i)
         bests.append(best)
@@ -88,7 +93,7 @@ def figures(space: Any, records: list[Any]) -> dict[str, Any]:
             "failed", (i, 1), xycoords=("data", "axes fraction"), ha="center", va="top", fontsize=7, color="grey"
         )
     _legend_once(ax)
-    ax.set_xlabel("trial (launch order); triangles: stopped by ASHA")
+    ax.set_xlabel("trial (launch order); triangles: stopped by ASHA (never the best so far)")
     ax.set_ylabel(space.metric)
     ax.set_title(f"{space.name}: optimization history")
     out["plots/optimization_history.png"] = fig

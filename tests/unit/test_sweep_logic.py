@@ -472,3 +472,22 @@ def test_boundary_advice_reads_the_learning_rate_at_its_stages_batch(tiny_space)
         "lora.r 32 is the top of its range [8, 32]: try up to 64",
         "training.num_epochs 6 is the top of its range [3, 6]: try up to 8",
     ]
+
+
+def test_the_sweeps_importance_study_holds_full_budgets_only() -> None:
+    """A trial ASHA stopped scored a shorter budget: it is not in the study the importances and the
+    coordinates are drawn from (a confirmation run is: a full budget with another seed)."""
+    from raytune_qvl.track.plots import sweep_study
+
+    def trial(name: str, value: float, status: str, lr: float) -> TrialRecord:
+        point = {"training.learning_rate": lr, "lora.r": 8}
+        return TrialRecord(name, "stage1-training_learning_rate", point, {}, value, status, point=point)
+
+    records = [
+        trial("full", 0.2, "completed", 1e-3),
+        trial("short", 0.1, "stopped", 3e-3),
+        trial("again", 0.21, "confirmation", 1e-3),
+        trial("broken", 0.05, "failed", 1e-4),
+    ]
+    study = sweep_study(records, "min")
+    assert sorted(t.value for t in study.trials) == [0.2, 0.21] and study.best_value == 0.2
