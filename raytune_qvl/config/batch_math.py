@@ -42,6 +42,17 @@ def accumulation_for(target: int, micro: int, workers: int) -> int:
     return target // per_step
 
 
+def scaling_rule_for(optimizer_type: str) -> str:
+    """The learning-rate scaling rule of an optimizer (DeepSpeed's `optimizer.type`): linear for
+    SGD (Goyal et al., 2017), the square root for Adam and the other adaptive optimizers (Malladi
+    et al., 2022).
+
+    >>> scaling_rule_for("AdamW"), scaling_rule_for("MuSGD")
+    ('sqrt', 'linear')
+    """
+    return "linear" if "sgd" in optimizer_type.lower() else "sqrt"
+
+
 def scale_lr(lr: float, new_batch: int, base_batch: int, rule: str = "linear") -> float:
     """A learning rate moved to another effective batch: lr x (B_new / B_base) ** p, with p = 1 for
     the linear rule (SGD's), 1/2 for the square-root rule (Adam's: Malladi et al. 2022, "On the

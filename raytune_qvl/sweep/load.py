@@ -95,6 +95,10 @@ def load_search_space(
         )
     except ConfigError as exc:
         problems += [_in_overrides(p, source) for p in exc.problems]
+    if base is not None and space.lr_scaling.rule == "auto":  # the base optimizer's rule
+        optimizer = str(((base.deepspeed or {}).get("optimizer") or {}).get("type", "AdamW"))
+        rule = batch_math.scaling_rule_for(optimizer)
+        space = space.model_copy(update={"lr_scaling": space.lr_scaling.model_copy(update={"rule": rule})})
     problems += _check_space(space, base, source)
     if problems:
         raise ConfigError(problems)

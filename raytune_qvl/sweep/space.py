@@ -89,8 +89,9 @@ class BaseFiles(_Strict):
 
 
 class LrScaling(_Strict):
-    # lr_new = lr_base x (B_new / B_base) ** p: p = 1/2 (sqrt, Adam's rule), 1 (linear, SGD's), 0 (none)
-    rule: Literal["sqrt", "linear", "none"] = "sqrt"
+    # lr_new = lr_base x (B_new / B_base) ** p: p = 1/2 (sqrt, Adam's rule), 1 (linear, SGD's), 0 (none);
+    # auto: the base DeepSpeed optimizer's (linear for SGD, sqrt for Adam and the other adaptive ones)
+    rule: Literal["auto", "sqrt", "linear", "none"] = "auto"
     local_search: float = Field(0.5, ge=0.0, le=4.0)  # then a factor in [1/(1+w), 1+w], log-uniform; 0: none
 
 

@@ -204,3 +204,27 @@ def test_command_line_overrides_reach_dotted_mappings(tiny_assets: Path, in_root
     with pytest.raises(ConfigError) as info:
         load_with_overrides(str(SPACES / "tiny_cpu.yaml"), ["overrides.data.train_path=/nonexistent/train.jsonl"])
     assert "overrides.data.train_path" in str(info.value) and "not found" in str(info.value)
+
+
+@pytest.mark.parametrize("optimizer, rule", [("AdamW", "sqrt"), ("SGD", "linear"), (None, "sqrt")])
+def test_the_default_scaling_rule_is_the_base_optimizers(
+    optimizer: str | None, rule: str, tmp_path: Path, in_root: Path
+) -> None:
+    """lr_scaling.rule left out: the square root for Adam (and no optimizer block: AdamW is used),
+    linear for SGD; a rule written in the file is kept."""
+    import json
+
+    raw = yaml.safe_load((SPACES / "tiny_cpu.yaml").read_text())
+    ds = json.loads((ROOT / raw["base"]["deepspeed"]).read_text())
+    ds.pop("optimizer", None)
+    if optimizer:
+        ds["optimizer"] = {"type": optimizer, "params": {"lr": "auto", "weight_decay": "auto"}}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    raw["base"] = {k: str(ROOT / v) for k, v in raw["base"].items()} | {"deepspeed": str(tmp_path / "ds.json")}
+    raw["lr_scaling"] = {"local_search": 0.5}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(raw))
+    space, _ = load_search_space(tmp_path / "space.yaml", check_files=False)
+    assert space.lr_scaling.rule == rule
+    raw["lr_scaling"]["rule"] = "none"
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(raw))
+    assert load_search_space(tmp_path / "space.yaml", check_files=False)[0].lr_scaling.rule == "none"
