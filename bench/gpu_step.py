@@ -7,17 +7,20 @@ Run as: python -m bench.gpu_step --shape 7b [--steps 30] [--batch 4] [--seq 1024
 
 Reports tokens/s, model FLOPs utilization and peak memory as one JSON line.
 
-FLOPs per token (the formula behind MFU): a forward pass costs 2·N FLOPs per token for N
-parameters in the matmuls, plus attention 2·2·L·s·d (QKᵀ and AV, L layers, sequence s, width d).
-With LoRA the base weights are frozen, but the backward pass still propagates activation
-gradients through them (another 2·N + attention) while weight gradients exist only for the
-adapters (≈ 2·N_lora, negligible). So per trained token:
+FLOPs per trained token (the formula behind MFU; model FLOPs, so a recomputed forward under
+gradient checkpointing is not counted). The language model's matmuls cost 2·N FLOPs per token
+forward for its N matmul weights (the decoder layers and the LM head; the embedding is a lookup),
+and with LoRA the frozen weights still pass activation gradients back (another 2·N) while weight
+gradients exist only for the adapters (6·N_lora in all). Attention is 4·L·s·d forward (QKᵀ and
+AV over L layers, sequence s, width d) and twice that backward: 12·L·s·d (PaLM's convention: no
+discount for the causal mask). The vision tower is frozen and its input needs no gradient, so
+it runs forward only: 2·N_v per image patch, plus its attention (full in `fullatt_block_indexes`,
+in 64-patch windows elsewhere), spread over the sample's tokens. So per token:
 
-    flops ≈ 4·N + 8·L·s·d  (+ 6·N_lora)
+    flops ≈ 4·N + 12·L·s·d + 6·N_lora + (2·N_v·P + 4·d_v·P·(F·P + (D − F)·min(P, 64))) / s
 
-and MFU = tokens/s × flops / peak, with peak the GPU's dense bf16 FLOP/s (H100/H200 SXM:
-989e12). Vision-tower FLOPs are counted in N for the image patches only through the tokens they
-become, so MFU here is a slight underestimate for image-heavy batches.
+with P patches per sample, D vision blocks of which F attend fully, width d_v. MFU = tokens/s ×
+flops / peak, with peak the GPU's dense bf16 FLOP/s (H100 SXM and H200: 989e12; H100 PCIe: 756e12).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import time
 SHAPES = {
     # Qwen2.5-VL-3B-Instruct and -7B-Instruct architectures (config.json of the releases)
     "3b": {
+        "tie_word_embeddings": True,  # as the release
         "text": {
             "hidden_size": 2048,
             "intermediate_size": 11008,
@@ -90,7 +94,16 @@ SHAPES = {
         },
     },
 }
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+# dense bf16 FLOP/s by a name the device reports; the first match wins (PCIe before the SXM default)
+PEAK_BF16 = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+}
+WINDOW_PATCHES = 64  # the vision tower's 112-pixel windows: (112 / 14)^2 patches
 
 
 def main() -> None:
@@ -105,6 +118,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--zero", type=int, default=2, choices=[2, 3], help="DeepSpeed ZeRO stage")
+    parser.add_argument(
+        "--no-checkpointing",
+        dest="checkpointing",
+        action="store_false",
+        help="gradient checkpointing off (the shipped GPU configs turn it on)",
+    )
     args = parser.parse_args()
 
     from raytune_qvl import runtime
@@ -117,6 +136,7 @@ def main() -> None:
     from raytune_qvl.config.deepspeed import fill_deepspeed
     from raytune_qvl.train.engine import WorkerContext, build_engine, device_config, init_distributed
     from raytune_qvl.train.lora import apply_lora
+    from raytune_qvl.train.model import enable_gradient_checkpointing
     from raytune_qvl.config.plan import resolve_attention
 
     on_gpu = args.device == "cuda"
@@ -129,13 +149,24 @@ def main() -> None:
         video_token_id=shape["text"]["vocab_size"] - 2,
         vision_start_token_id=shape["text"]["vocab_size"] - 3,
         vision_end_token_id=shape["text"]["vocab_size"] - 4,
+        tie_word_embeddings=shape.get("tie_word_embeddings", False),
     )
     capability = torch.cuda.get_device_capability() if on_gpu else None
     attn = resolve_attention(args.attn, on_gpu=on_gpu, dtype_name="bfloat16", capability=capability)
     with torch.device(args.device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=torch.bfloat16)
-    model.config.use_cache = False
+    for part in (model.config, model.config.text_config):  # transformers 5 reads it from the text config
+        part.use_cache = False
+    if args.checkpointing:
+        enable_gradient_checkpointing(model)
     n_params = sum(p.numel() for p in model.parameters())
+    t, v = shape["text"], shape["vision"]
+    n_vision = sum(p.numel() for name, p in model.named_parameters() if ".visual." in f".{name}")
+    n_embedding = t["vocab_size"] * t["hidden_size"]
+    # the language model's matmul weights: all but the vision tower and the embedding, and the LM
+    # head's matmul (its own weight, or the embedding's when tied)
+    untied_head = 0 if shape.get("tie_word_embeddings") else n_embedding
+    n_text = n_params - n_vision - n_embedding - untied_head + n_embedding
     model = apply_lora(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0))
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -193,8 +224,17 @@ def main() -> None:
     elapsed = time.perf_counter() - started
 
     tokens_per_s = args.steps * args.batch * seq / elapsed
-    t = shape["text"]
-    flops_per_token = 4 * n_params + 8 * t["num_hidden_layers"] * seq * t["hidden_size"] + 6 * n_lora
+    patches = grid * grid
+    full = len(v["fullatt_block_indexes"])
+    vision_attention = (
+        4 * v["hidden_size"] * patches * (full * patches + (v["depth"] - full) * min(patches, WINDOW_PATCHES))
+    )
+    flops_per_token = (
+        4 * n_text
+        + 12 * t["num_hidden_layers"] * seq * t["hidden_size"]
+        + 6 * n_lora
+        + (2 * n_vision * patches + vision_attention) / seq
+    )
     name = torch.cuda.get_device_name() if on_gpu else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     print(
@@ -208,7 +248,11 @@ def main() -> None:
                 "seq": seq,
                 "image_tokens": n_image,
                 "params": n_params,
+                "text_matmul_params": n_text,
+                "vision_params": n_vision,
                 "lora_params": n_lora,
+                "gradient_checkpointing": args.checkpointing,
+                "flops_per_token": round(flops_per_token),
                 "tokens_per_second": round(tokens_per_s, 1),
                 "model_tflops_per_second": round(tokens_per_s * flops_per_token / 1e12, 2),
                 "mfu": round(tokens_per_s * flops_per_token / peak, 4) if peak else None,

@@ -30,6 +30,11 @@ def quiet_libraries() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # avoids DeepSpeed's accelerator probe warning
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after tokenizing
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # the interpreter's own scripts folder on PATH, as a venv's activate does: ninja, which DeepSpeed's
+    # op builds run, is there when the venv's python is run without activating it (Ray's workers inherit it)
+    scripts = str(Path(sys.executable).parent)
+    if scripts not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join(p for p in (scripts, os.environ.get("PATH")) if p)
     # DeepSpeed JIT-compiles ops (~1 min each) into this cache; keep it across runs and trials
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 

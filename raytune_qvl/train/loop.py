@@ -15,7 +15,7 @@ import math
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,7 +27,7 @@ from raytune_qvl.data.batches import input_tokens, packed_inputs
 from raytune_qvl.data.encode import IGNORE_INDEX
 from raytune_qvl.reports import HELD_KEY, pack
 from raytune_qvl.train import faults
-from raytune_qvl.train.checkpoint import save_checkpoint, save_trained
+from raytune_qvl.train.checkpoint import is_lora, save_checkpoint, save_trained
 from raytune_qvl.train.model import rope_index_of
 from raytune_qvl.train.engine import (
     WorkerContext,
@@ -369,7 +369,10 @@ def run(s: Session) -> dict[str, Any]:
                 report = {**metrics, "finished": last}
                 if step % t.save_steps == 0 or last:
                     report[HELD_KEY], held = pack(held), []
-                    with gathered_trainable_state(engine) as trained, _staging(f"checkpoint-{step:06d}") as folder:
+                    # a LoRA checkpoint holds its adapter; a full run's engine state already is its model
+                    # (gathering every weight on every rank would hold a whole copy in each one's memory)
+                    gathered = gathered_trainable_state(engine) if is_lora(engine) else nullcontext({})
+                    with gathered as trained, _staging(f"checkpoint-{step:06d}") as folder:
                         whole = not last or t.final_checkpoint == "engine"  # a finished run is never resumed
                         save_checkpoint(engine, folder, state, rank=ctx.rank, trained=trained, engine_state=whole)
                         if last and ctx.is_main and s.reporter.ships_outputs:

@@ -82,16 +82,20 @@ def load_model(cfg: Config, *, on_gpu: bool = False) -> Any:
         if config is not None:
             config.use_cache = False
     if cfg.environment.gradient_checkpointing:
-        # non-reentrant checkpointing works with frozen inputs; with LoRA the embeddings are
-        # frozen, so the input must require grad for the checkpointed blocks to backprop
-        if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_gradient_checkpointing(model)
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
     return model
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing, which works with frozen inputs: with LoRA the
+    embeddings are frozen, so the input must require grad for the checkpointed blocks to backprop."""
+    if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
 
 
 def rope_index_of(model: Any) -> Any:

@@ -11,6 +11,8 @@ import importlib.util
 import os
 import runpy
 import shutil
+import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,10 @@ def missing_ops(ops: list[str]) -> list[str]:
         compiler = os.environ.get("CXX", "c++")
         if shutil.which(compiler) is None:
             lacking.append(f"a C++ compiler ({compiler} not on PATH)")
+        headers = Path(sysconfig.get_paths()["include"])
+        if not (headers / "Python.h").is_file():  # a Python without its -dev package
+            version = "{}.{}".format(*sys.version_info[:2])
+            lacking.append(f"Python's C headers ({headers / 'Python.h'}: install python{version}-dev)")
         if cuda:
             home = _cuda_home()
             if home is None or not (Path(home) / "bin" / "nvcc").exists():

@@ -35,6 +35,9 @@ def test_gpu_step_script_runs_on_a_tiny_shape(tiny_assets: Path) -> None:
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["finite"] and report["tokens_per_second"] > 0 and report["image_tokens"] == 16
     assert report["lora_params"] > 0 and report["params"] > report["lora_params"]
+    # MFU's FLOPs: the language model's matmuls (no embedding lookup) and the vision tower apart
+    assert 0 < report["vision_params"] and report["text_matmul_params"] + report["vision_params"] < report["params"]
+    assert report["flops_per_token"] > 4 * report["text_matmul_params"] and report["gradient_checkpointing"]
 
 
 def test_plain_reference_loop_runs(tiny_assets: Path) -> None:

@@ -218,8 +218,10 @@ def test_an_op_that_cannot_be_built_is_named_with_what_is_missing(tmp_path: Path
         pytest.skip("this DeepSpeed install has cpu_adam prebuilt")
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(ops.sysconfig, "get_paths", lambda: {"include": str(tmp_path)})  # no Python.h
     (line,) = ops.check_ops(_filled(SEED_ZERO3), on_gpu=False)
     assert "cpu_adam" in line and "ninja (pip install ninja)" in line and "C++ compiler" in line
+    assert f"Python's C headers ({tmp_path / 'Python.h'}" in line
     assert "DS_BUILD_CPU_ADAM=1" in line
     monkeypatch.undo()
     assert ops.check_ops(_filled(SEED_ZERO3), on_gpu=False) == []  # this machine builds it
