@@ -359,6 +359,10 @@ def _search_section(search: dict) -> list[str]:
         f"Grid: every learning rate {search['grid_lrs']} x rank {search['grid_ranks']}, at the starting point's budget",
         "(the staged sweep's trials outside its epochs stage have the same), no early stopping. Random: the four",
         "parameters, as many trials as the sweep's searched compute buys, no early stopping.",
+        "The staged sweep's samplers, as `--dry-run` prints them for search_spaces/tiny_cpu.yaml: the learning",
+        "rate and the rank by every untried choice (a grid: 4 rates in 4 trials, 2 untried ranks in 2), the",
+        "effective batch with its learning-rate factor by TPE (1 point at random, then 1 modelled), the epochs",
+        "by every untried choice without early stopping; ASHA (grace 1 epoch, reduction 2) elsewhere.",
         "",
         f"| search | trials | stopped by ASHA | confirmation runs | best searched {metric} | confirmed {metric} (mean ± std) "
         f"| {held_out} of the chosen config | training samples | ÷ grid samples | wall (s) |",

@@ -85,7 +85,8 @@ def dry_run(space: SearchSpace, base: Config) -> str:
     if space.confirm.top_k and space.confirm.seeds:
         c = space.confirm
         lines.append(
-            f"  confirm: the top {c.top_k} configs {c.seeds} more times each with other seeds "
+            f"  confirm: the top {c.top_k} configs {'once more' if c.seeds == 1 else f'{c.seeds} more times'} "
+            "each with other seeds "
             f"({c.top_k * c.seeds} runs): the winner by the mean, its test-split score the result"
         )
     lines.append(
