@@ -145,7 +145,7 @@ def run_sweep(
     r = space.resources
     joining = bool(base.ray.address or os.environ.get("RAY_ADDRESS"))
     # a local cluster is sized for the trials its cores hold; a joined one is what it is
-    planned = 1 if joining else concurrency_for(space, os.cpucount() or 1, local_gpus() if r.use_gpu else 0)
+    planned = 1 if joining else concurrency_for(space, os.cpu_count() or 1, local_gpus() if r.use_gpu else 0)
     per_trial = 1 + r.workers_per_trial * r.cpus_per_worker  # the trial's own process + its workers
     try:
         with tracker.outcome(parent) as finished_tags:
