@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -280,7 +281,8 @@ def test_bad_input(name: str, build: Case, code: int, fragments: list[str], tiny
 def test_an_unbuildable_deepspeed_op_stops_the_run_before_any_worker(tiny_assets: Path, tmp_path: Path) -> None:
     """ZeRO-3 offload needs DeepSpeed's cpu_adam op: on a machine that can neither load a prebuilt
     one nor compile it (no ninja, no compiler on PATH), the run stops at pre-flight with one line
-    naming the op, what is missing and the fix, and writes nothing."""
+    naming the op, what is missing and the fix, and writes nothing. (ninja is looked for in the
+    interpreter's own scripts folder too, as in an activated venv.)"""
     from conftest import ZERO3
 
     from raytune_qvl.train.ops import _installed_ops
@@ -295,5 +297,8 @@ def test_an_unbuildable_deepspeed_op_stops_the_run_before_any_worker(tiny_assets
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
     assert "ds_config_zero3_offload.json: optimizer" in lines[0] and "cpu_adam" in lines[0], lines[0]
-    assert "ninja" in lines[0] and "DS_BUILD_CPU_ADAM=1" in lines[0]
+    assert "C++ compiler" in lines[0] and "DS_BUILD_CPU_ADAM=1" in lines[0]
+    # the interpreter's own scripts folder is searched without an activated venv: its ninja is found
+    venv_ninja = (Path(sys.executable).parent / "ninja").exists()
+    assert ("ninja (pip install ninja)" in lines[0]) is not venv_ninja, lines[0]
     assert {p.relative_to(tmp_path) for p in tmp_path.rglob("*")} == before
