@@ -133,6 +133,8 @@ def show_warnings_once() -> WarningCollector:
         plain.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
         root.addHandler(plain)
     for logger in [root, *_library_loggers()]:
+        if logger is not root:  # shown by its own handler, not again by the root's (transformers propagates
+            logger.propagate = False  # when the environment says CI, as CI machines do)
         for handler in logger.handlers:
             handler.addFilter(once)
         if logger is root or not logger.propagate:  # where its records stop

@@ -4,8 +4,11 @@ noise, and hands them to its next report; run in a subprocess (it sets up the pr
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 SCRIPT = r"""
 import json, logging, warnings
@@ -31,8 +34,10 @@ print(json.dumps(runtime.take_warnings()))
 """
 
 
-def test_a_worker_shows_each_library_warning_once_and_reports_it() -> None:
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("ci", [None, "true"], ids=["plain", "CI=true"])  # transformers propagates under CI
+def test_a_worker_shows_each_library_warning_once_and_reports_it(ci: str | None) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "CI"} | ({"CI": ci} if ci else {})
+    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
     texts = [text for _, text in first]
