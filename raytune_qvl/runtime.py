@@ -132,13 +132,15 @@ def show_warnings_once() -> WarningCollector:
         plain.setLevel(logging.WARNING)
         plain.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
         root.addHandler(plain)
+    # a library logger with a handler of its own shows its records there and stops them, not shown
+    # again by the root's (transformers propagates where the environment says CI, as CI machines do);
+    # so each logger here is where its records stop, and collects them
     for logger in [root, *_library_loggers()]:
-        if logger is not root:  # shown by its own handler, not again by the root's (transformers propagates
-            logger.propagate = False  # when the environment says CI, as CI machines do)
+        if logger is not root:
+            logger.propagate = False
         for handler in logger.handlers:
             handler.addFilter(once)
-        if logger is root or not logger.propagate:  # where its records stop
-            logger.addHandler(collector)
+        logger.addHandler(collector)
     _collector = collector
     return collector
 
