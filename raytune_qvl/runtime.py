@@ -68,7 +68,8 @@ KNOWN_LOG_MESSAGES = (
 # the libraries whose warnings a worker shows: DeepSpeed's, transformers' and some of torch's loggers
 # have handlers of their own and do not propagate to the root logger
 LIBRARY_LOGGERS = ("DeepSpeed", "transformers", "peft", "torch", "raytune_qvl")
-WARNINGS_KEY = "warnings"  # in a worker's report: its warnings since the last report ([key, text] pairs)
+WARNINGS_KEY = "warnings"  # in a worker's report: its warnings since the last report, [key, text] pairs as JSON
+# (a string: Tune's result loggers skip it, where a list is refused as a histogram with a warning)
 
 
 class _OnceAndNotNoise(logging.Filter):

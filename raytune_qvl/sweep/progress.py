@@ -5,6 +5,7 @@ stays in the trial's error file and its MLflow run: a stopped trial prints no st
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -92,7 +93,7 @@ class SweepProgress(Callback):
         self._say(trial, f"started{f' ({sampler})' if sampler else ''}: {point}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        for key, text in result.get(WARNINGS_KEY) or []:  # the worker's output is in Ray's log files
+        for key, text in json.loads(result.get(WARNINGS_KEY) or "[]"):  # the worker's output is in Ray's log files
             if key not in self.warned:
                 self.warned.add(key)
                 self._say(trial, f"warning: {text}")

@@ -3,6 +3,7 @@ through `ray.train.report`, and resumes from `ray.train.get_checkpoint()`."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -64,7 +65,7 @@ class RayReporter:
         self._last = time.monotonic()
         warned = runtime.take_warnings()
         if warned:  # a sweep's driver shows each once (this worker's output goes to Ray's log files)
-            metrics = {**metrics, runtime.WARNINGS_KEY: warned}
+            metrics = {**metrics, runtime.WARNINGS_KEY: json.dumps(warned)}
         if checkpoint is None:
             ray.train.report(metrics)
         else:
